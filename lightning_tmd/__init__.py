@@ -1,0 +1,3 @@
+"""lightning-tmd: Transition Matching Distillation of flow-matching video models."""
+
+__version__ = "0.1.0"
