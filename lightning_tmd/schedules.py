@@ -1,0 +1,69 @@
+"""Time schedules: the shift map, shifted grids and random time sampling.
+
+Convention: t in [0, 1], t = 1 is noise, x_t = (1 - t) x + t noise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def shift(t: torch.Tensor | float, gamma: float) -> torch.Tensor | float:
+    """sigma_gamma(t) = gamma t / ((gamma - 1) t + 1); gamma > 1 moves mass towards noise."""
+    return gamma * t / ((gamma - 1.0) * t + 1.0)
+
+
+def shifted_grid(steps: int, gamma: float, t_max: float = 0.999) -> torch.Tensor:
+    """`steps + 1` float64 times from `t_max` down to 0: uniform on [0, t_max], then shifted.
+
+    The first time stays `t_max` (the start the model was trained for; shifting 0.999 would give
+    0.9999), the interior points are shifted: `shifted_grid(2, 10)` = [0.999, 0.909, 0].
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    grid = shift(torch.linspace(t_max, 0.0, steps + 1, dtype=torch.float64), gamma)
+    grid[0] = t_max
+    return grid
+
+
+def sample_shifted_uniform(
+    n: int,
+    gamma: float,
+    low: float = 0.001,
+    high: float = 0.999,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """shift(U(low, high), gamma), float64, shape (n,)."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
+    return shift(low + (high - low) * u, gamma)
+
+
+def sample_logit_normal(
+    n: int,
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """sigmoid(N(mean, std^2)), float64, shape (n,) (the SD3 training density)."""
+    z = torch.randn(n, generator=generator, dtype=torch.float64, device=device)
+    return torch.sigmoid(mean + std * z)
+
+
+def sample_train_times(
+    n: int,
+    kind: str,
+    *,
+    gamma: float = 1.0,
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Flow-matching training times: `kind` is "shifted_uniform" or "logit_normal"."""
+    if kind == "shifted_uniform":
+        return sample_shifted_uniform(n, gamma, generator=generator, device=device)
+    if kind == "logit_normal":
+        return sample_logit_normal(n, mean, std, generator=generator, device=device)
+    raise ValueError(f"time sampling '{kind}' is unknown: use 'shifted_uniform' or 'logit_normal'")

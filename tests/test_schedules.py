@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from lightning_tmd.sampling import euler_sample, teacher_nfe
+from lightning_tmd.schedules import sample_shifted_uniform, sample_train_times, shift, shifted_grid
+
+
+def test_shifted_grid_values():
+    grid = shifted_grid(2, 10)
+    assert grid.dtype == torch.float64 and len(grid) == 3
+    torch.testing.assert_close(grid, torch.tensor([0.999, 0.9090909, 0.0], dtype=torch.float64),
+                               atol=5e-4, rtol=0)
+    torch.testing.assert_close(shifted_grid(4, 5), torch.tensor([0.999, 0.937, 0.833, 0.624, 0.0],
+                                                                dtype=torch.float64), atol=1e-3, rtol=0)
+    assert shifted_grid(1, 10).tolist() == [0.999, 0.0]
+    uniform = torch.tensor([1.0, 2 / 3, 1 / 3, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(shifted_grid(3, 1.0, t_max=1.0), uniform)
+
+
+def test_shift_fixes_ends_and_moves_mass_to_noise():
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    assert shift(t, 3).tolist() == [0.0, 0.75, 1.0]
+    samples = sample_shifted_uniform(10_000, 5, generator=torch.Generator().manual_seed(0))
+    assert samples.min() >= shift(0.001, 5) and samples.max() <= shift(0.999, 5)
+    assert samples.median() > 0.75
+
+
+def test_unknown_time_sampling_is_named():
+    with pytest.raises(ValueError, match="logit_normal"):
+        sample_train_times(4, "cosine")
+
+
+def test_euler_sampler_is_exact_for_a_straight_flow():
+    data, noise = torch.randn(3, 2), torch.randn(3, 2)
+    grid = shifted_grid(7, 3, t_max=1.0)
+    out = euler_sample(lambda x, t: noise - data, noise, grid)
+    torch.testing.assert_close(out, data)
+    assert teacher_nfe(50, 4.0) == 100 and teacher_nfe(50, 1.0) == 50
