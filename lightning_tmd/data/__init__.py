@@ -1,0 +1,1 @@
+"""Data: procedural shapes clips, latent shards, DataModules."""

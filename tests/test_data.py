@@ -1,0 +1,83 @@
+import torch
+
+from lightning_tmd.data.datamodule import ShapesDataModule
+from lightning_tmd.data.shapes import COLOR_NAMES, DIRECTION_NAMES, DIRECTIONS, SHAPES, ShapesDataset
+from lightning_tmd.nets.text import VocabTextEncoder
+
+
+def test_clips_are_deterministic_in_seed_and_index():
+    a, b = ShapesDataset(10, seed=3), ShapesDataset(10, seed=3)
+    for i in range(10):
+        assert torch.equal(a[i]["video"], b[i]["video"]) and a[i]["caption"] == b[i]["caption"]
+    assert not torch.equal(a[0]["video"], ShapesDataset(10, seed=4)[0]["video"])
+
+
+def test_clip_shape_range_and_vocabulary():
+    data = ShapesDataset(200, frames=6, size=24)
+    counts = set()
+    for i in range(200):
+        item = data[i]
+        assert item["video"].shape == (3, 6, 24, 24)
+        assert item["video"].min() >= -1 and item["video"].max() <= 1
+        counts.add(int(item["labels"]["num_objects"]))
+    assert counts == {1, 2}
+    assert len(COLOR_NAMES) >= 6 and len(SHAPES) >= 3 and len(DIRECTIONS) >= 8
+
+
+def test_caption_agrees_with_labels():
+    data = ShapesDataset(100)
+    for i in range(100):
+        item = data[i]
+        labels, parts = item["labels"], item["caption"].split(" and a ")
+        assert len(parts) == int(labels["num_objects"])
+        for k, part in enumerate(parts):
+            words = part.removeprefix("a ").split(" moving ")
+            colour, shape = words[0].split()
+            assert COLOR_NAMES[labels["color"][k]] == colour
+            assert SHAPES[labels["shape"][k]] == shape
+            assert DIRECTION_NAMES[labels["direction"][k]] == words[1]
+        if len(parts) == 1:
+            assert labels["color"][1] == labels["shape"][1] == labels["direction"][1] == -1
+
+
+def object_centre(video, colour_index, frame):
+    """Mean pixel position of the object whose colour is COLOR_NAMES[colour_index]."""
+    from lightning_tmd.data.shapes import COLORS
+
+    rgb = torch.tensor(COLORS[COLOR_NAMES[colour_index]]) * 2 - 1
+    mask = (video[:, frame] - rgb[:, None, None]).abs().sum(0) < 1e-4
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return xs.float().mean(), ys.float().mean()
+
+
+def test_motion_follows_the_captioned_direction():
+    data = ShapesDataset(50, max_objects=1)
+    for i in range(50):
+        item = data[i]
+        colour, direction = int(item["labels"]["color"][0]), int(item["labels"]["direction"][0])
+        (x0, y0), (x1, y1) = object_centre(item["video"], colour, 0), object_centre(item["video"], colour, -1)
+        dx, dy = DIRECTIONS[DIRECTION_NAMES[direction]]
+        for delta, want in ((x1 - x0, dx), (y1 - y0, dy)):
+            if want:
+                assert torch.sign(delta) == want
+            else:
+                assert abs(delta) < 1.0
+
+
+def test_train_and_val_never_overlap():
+    dm = ShapesDataModule(VocabTextEncoder(16, 16), "", frames=4, size=16, num_train=300, num_val=100)
+    train = {dm.train_set[i]["video"].numpy().tobytes() for i in range(300)}
+    val = {dm.val_set[i]["video"].numpy().tobytes() for i in range(100)}
+    assert not train & val
+    assert dm.train_set.start + len(dm.train_set) <= dm.val_set.start
+
+
+def test_batches_carry_cached_text_and_negative_prompt():
+    dm = ShapesDataModule(VocabTextEncoder(16, 16), "", frames=4, size=16, batch_size=4)
+    batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert batch["video"].shape == (4, 3, 4, 16, 16)
+    assert batch["context"].shape == (4, 16, 16) and batch["negative_context"].shape == (4, 16, 16)
+    assert batch["negative_mask"].sum(1).tolist() == [1, 1, 1, 1]  # the empty caption: BOS only
+    size = dm.prompts.cache_size
+    dm.on_before_batch_transfer(batch, 0)
+    assert dm.prompts.cache_size == size  # encoded once
