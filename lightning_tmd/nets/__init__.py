@@ -1,0 +1,1 @@
+"""Plain nn.Modules (no Lightning): Wan split, text encoders, TMD student, discriminator."""

@@ -1,0 +1,222 @@
+"""Wan transformer: build from a config or load from a diffusers folder, and the split forward.
+
+`WanNet` wraps diffusers' `WanTransformer3DModel` (the real class) and exposes its forward in pieces,
+so that the TMD student (backbone + flow head) and the discriminator (block features) reuse it:
+
+    tokens = net.embed(x, timestep, context)          # patchify, rope, time and text embeddings
+    h = net.run_blocks(tokens, 0, k)                  # blocks [0, k)
+    h = net.run_blocks(tokens, k, net.num_blocks, h)  # blocks [k, L)
+    v = net.unembed(h, tokens.temb, tokens.grid)      # AdaLN output norm, projection, unpatchify
+
+`timestep` is on Wan's 0-1000 scale (1000 * t).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import WanTransformer3DModel
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+)
+
+
+@dataclass
+class WanTokens:
+    """Everything the blocks and the output layer need, computed once by `WanNet.embed`."""
+
+    hidden: torch.Tensor  # (B, L, D) patch tokens
+    context: torch.Tensor  # (B, S, D) projected text
+    temb: torch.Tensor  # (B, D) time embedding (output AdaLN)
+    timestep_proj: torch.Tensor  # (B, 6, D) block AdaLN modulation
+    rotary: Any  # rope (cos, sin) for the token grid
+    grid: tuple[int, int, int]  # tokens along (frames, height, width)
+
+
+def resolve_transformer_folder(path: str | Path) -> Path:
+    """The folder holding the transformer's config.json and weights.
+
+    Accepts either that folder or the root of a `Wan2.1-T2V-*-Diffusers` repository (which keeps it
+    under `transformer/`). Raises FileNotFoundError naming what is missing.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"model.path: the weights folder '{root}' does not exist. Point model.path at a local "
+            "diffusers folder (a Wan2.1-T2V-*-Diffusers repository or its transformer/ subfolder)."
+        )
+    folder = root / "transformer" if (root / "transformer").is_dir() else root
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: '{folder}' has no config.json (expected a diffusers transformer folder)")
+    weights = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not weights:
+        raise FileNotFoundError(
+            f"model.path: '{folder}' has no weights: expected one of {', '.join(WEIGHT_FILES)}"
+        )
+    if weights[0].endswith(".index.json"):
+        index = json.loads((folder / weights[0]).read_text())
+        missing = sorted({f for f in index["weight_map"].values() if not (folder / f).is_file()})
+        if missing:
+            raise FileNotFoundError(f"model.path: '{folder}' is incomplete, missing shard(s): {', '.join(missing)}")
+    return folder
+
+
+def transformer_config(path: str | Path) -> dict[str, Any]:
+    """Read a diffusers transformer config.json without loading weights."""
+    return json.loads((resolve_transformer_folder(path) / "config.json").read_text())
+
+
+class WanNet(nn.Module):
+    """A `WanTransformer3DModel` with a split forward. Free of Lightning."""
+
+    def __init__(self, transformer: WanTransformer3DModel, checkpoint_blocks: bool = False) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.checkpoint_blocks = checkpoint_blocks
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: dict[str, Any], checkpoint_blocks: bool = False) -> WanNet:
+        """Randomly initialised net from `WanTransformer3DModel` keyword arguments."""
+        config = dict(config)
+        if "patch_size" in config:
+            config["patch_size"] = tuple(config["patch_size"])
+        return cls(WanTransformer3DModel(**config), checkpoint_blocks)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, torch_dtype: torch.dtype | None = None, checkpoint_blocks: bool = False
+    ) -> WanNet:
+        """Load from a local diffusers folder (no downloads). bf16 keeps Wan's fp32 modules in fp32."""
+        folder = resolve_transformer_folder(path)
+        kwargs = {"local_files_only": True}
+        if torch_dtype is not None:
+            kwargs["torch_dtype"] = torch_dtype
+        return cls(WanTransformer3DModel.from_pretrained(folder, **kwargs), checkpoint_blocks)
+
+    @classmethod
+    def build(cls, path: str | None = None, config: dict[str, Any] | None = None,
+              torch_dtype: torch.dtype | None = None, checkpoint_blocks: bool = False) -> WanNet:
+        """`from_pretrained(path)` when a path is given, else `from_config(config)`."""
+        if path:
+            return cls.from_pretrained(path, torch_dtype, checkpoint_blocks)
+        if config is None:
+            raise ValueError("model: give either model.path (a diffusers folder) or model.config")
+        return cls.from_config(config, checkpoint_blocks)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        self.transformer.save_pretrained(folder)
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return self.transformer.config
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.transformer.blocks)
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return tuple(self.transformer.config.patch_size)
+
+    @property
+    def inner_dim(self) -> int:
+        c = self.transformer.config
+        return c.num_attention_heads * c.attention_head_dim
+
+    # -- split forward ------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> WanTokens:
+        """Patchify x (B, C, T, H, W); embed timestep (B,) (0-1000) and text context (B, S, D_text)."""
+        tr = self.transformer
+        pt, ph, pw = self.patch_size
+        _, _, frames, height, width = x.shape
+        rotary = tr.rope(x)
+        hidden = tr.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+        temb, timestep_proj, context, _ = tr.condition_embedder(timestep, context, None)
+        return WanTokens(
+            hidden=hidden,
+            context=context,
+            temb=temb,
+            timestep_proj=timestep_proj.unflatten(1, (6, -1)),
+            rotary=rotary,
+            grid=(frames // pt, height // ph, width // pw),
+        )
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared patch embedding alone: (B, C, T, H, W) -> tokens (B, L, D)."""
+        return self.transformer.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+
+    def embed_time(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Time embedding alone: (temb (B, D), timestep_proj (B, 6, D)), exactly as in `embed`."""
+        ce = self.transformer.condition_embedder
+        t = ce.timesteps_proj(timestep)
+        t = t.to(next(iter(ce.time_embedder.parameters())).dtype)
+        temb = ce.time_embedder(t).to(dtype)
+        return temb, ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
+
+    def run_blocks(
+        self, tokens: WanTokens, start: int, stop: int, hidden: torch.Tensor | None = None,
+        timestep_proj: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run blocks [start, stop) on `hidden` (default: the embedded tokens).
+
+        `timestep_proj` overrides the modulation (the flow head conditions on its own time).
+        """
+        h = tokens.hidden if hidden is None else hidden
+        mod = tokens.timestep_proj if timestep_proj is None else timestep_proj
+        use_checkpoint = self.checkpoint_blocks and torch.is_grad_enabled()
+        for block in self.transformer.blocks[start:stop]:
+            if use_checkpoint:
+                h = checkpoint(block, h, tokens.context, mod, tokens.rotary, use_reentrant=False)
+            else:
+                h = block(h, tokens.context, mod, tokens.rotary)
+        return h
+
+    def unembed(self, hidden: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Output AdaLN (fp32 norm), projection and unpatchify: (B, L, D) -> (B, C_out, T, H, W)."""
+        tr = self.transformer
+        shift_, scale = (tr.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        h = (tr.norm_out(hidden.float()) * (1 + scale) + shift_).type_as(hidden)
+        return self.unpatchify(tr.proj_out(h), grid)
+
+    def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, L, pt*ph*pw*C) -> (B, C, T, H, W), the inverse of Wan's patchify ordering."""
+        pt, ph, pw = self.patch_size
+        f, h, w = grid
+        x = tokens.reshape(tokens.shape[0], f, h, w, pt, ph, pw, -1)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Flow velocity (noise - data), equal to `WanTransformer3DModel.forward`."""
+        tokens = self.embed(x, timestep, context)
+        hidden = self.run_blocks(tokens, 0, self.num_blocks)
+        return self.unembed(hidden, tokens.temb, tokens.grid)
+
+    def block_features(
+        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, blocks: list[int]
+    ) -> list[torch.Tensor]:
+        """Unpatchified hidden states after each 1-based block index in `blocks`.
+
+        Each is (B, D / (pt*ph*pw), T, H, W): the token grid unfolded back to the clip's shape.
+        Only blocks up to max(blocks) are run.
+        """
+        bad = [b for b in blocks if not 1 <= b <= self.num_blocks]
+        if bad:
+            raise ValueError(f"block indices {bad} are outside 1..{self.num_blocks}")
+        tokens = self.embed(x, timestep, context)
+        hidden, features = tokens.hidden, {}
+        for index in range(1, max(blocks) + 1):
+            hidden = self.run_blocks(tokens, index - 1, index, hidden)
+            if index in blocks:
+                features[index] = self.unpatchify(hidden, tokens.grid)
+        return [features[b] for b in blocks]

@@ -1,0 +1,157 @@
+import json
+
+import pytest
+import torch
+from conftest import TINY_WAN
+
+from lightning_tmd.nets.text import (
+    MiniLMTextEncoder,
+    PretrainedTextEncoder,
+    PromptEncoder,
+    VocabTextEncoder,
+    pretrained_text_dim,
+)
+from lightning_tmd.nets.wan import WanNet
+
+
+def inputs(batch=2):
+    return torch.randn(batch, 3, 4, 8, 8), torch.tensor([900.0, 30.0])[:batch], torch.randn(batch, 5, 16)
+
+
+def test_split_forward_equals_diffusers_forward():
+    net = WanNet.from_config(TINY_WAN).eval()
+    x, t, ctx = inputs()
+    full = net.transformer(x, t, ctx, return_dict=False)[0]
+    tokens = net.embed(x, t, ctx)
+    h = net.run_blocks(tokens, 0, 1)
+    h = net.run_blocks(tokens, 1, net.num_blocks, h)
+    split = net.unembed(h, tokens.temb, tokens.grid)
+    assert split.shape == x.shape
+    assert (split - full).abs().max() <= 1e-6
+    assert (net(x, t, ctx) - full).abs().max() <= 1e-6
+
+
+def test_embed_time_matches_the_condition_embedder():
+    net = WanNet.from_config(TINY_WAN)
+    x, t, ctx = inputs()
+    tokens = net.embed(x, t, ctx)
+    temb, proj = net.embed_time(t, x.dtype)
+    torch.testing.assert_close(temb, tokens.temb)
+    torch.testing.assert_close(proj, tokens.timestep_proj)
+
+
+def test_block_features_are_unpatchified_hidden_states():
+    net = WanNet.from_config(TINY_WAN)
+    x, t, ctx = inputs()
+    feats = net.block_features(x, t, ctx, [3, 1])
+    width = 2 * 12 // 4  # D / (pt * ph * pw)
+    assert [f.shape for f in feats] == [(2, width, 4, 8, 8)] * 2
+    tokens = net.embed(x, t, ctx)
+    first = net.unpatchify(net.run_blocks(tokens, 0, 1), tokens.grid)
+    torch.testing.assert_close(feats[1], first)
+    with pytest.raises(ValueError, match="outside"):
+        net.block_features(x, t, ctx, [4])
+
+
+def test_checkpointed_blocks_give_the_same_gradients():
+    net = WanNet.from_config(TINY_WAN)
+    x, t, ctx = inputs()
+    net(x, t, ctx).square().mean().backward()
+    plain = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net.checkpoint_blocks = True
+    net(x, t, ctx).square().mean().backward()
+    for a, p in zip(plain, net.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+@pytest.mark.parametrize("layout", ["transformer_folder", "repository_root"])
+def test_save_pretrained_round_trip(tmp_path, layout):
+    net = WanNet.from_config(TINY_WAN).eval()
+    folder = tmp_path / "transformer" if layout == "repository_root" else tmp_path
+    net.save_pretrained(folder)
+    loaded = WanNet.build(path=str(tmp_path)).eval()  # the code path of real Wan weights
+    x, t, ctx = inputs()
+    assert torch.equal(loaded(x, t, ctx), net(x, t, ctx))
+    bf16 = WanNet.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert bf16.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert bf16.transformer.scale_shift_table.dtype == torch.float32  # _keep_in_fp32_modules
+
+
+def test_missing_or_incomplete_weights_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.path.*does not exist"):
+        WanNet.build(path=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        WanNet.build(path=str(tmp_path))
+    WanNet.from_config(TINY_WAN).save_pretrained(tmp_path)
+    (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no weights"):
+        WanNet.build(path=str(tmp_path))
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "diffusion_pytorch_model-00001-of-00002.safetensors"}})
+    )
+    with pytest.raises(FileNotFoundError, match="00001-of-00002"):
+        WanNet.build(path=str(tmp_path))
+
+
+def test_vocab_encoder_is_deterministic_and_padded():
+    enc = VocabTextEncoder(dim=16, max_length=8)
+    a, b = enc(["a red circle moving up", ""]), VocabTextEncoder(dim=16, max_length=8)(["a red circle moving up"])
+    assert a.states.shape == (2, 8, 16)
+    assert a.mask.sum(1).tolist() == [6, 1]
+    assert torch.equal(a.states[:1], b.states)
+    assert a.states[0, 6:].abs().sum() == 0  # zero after the last token
+    assert not torch.equal(enc(["a blue circle"]).states, enc(["a red circle"]).states)
+
+
+def save_tiny_umt5(folder):
+    """A tiny UMT5 encoder and a word-level tokenizer, built from configs (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moving", "up", "and"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    config = UMT5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=8)
+    UMT5EncoderModel(config).save_pretrained(folder)
+
+
+def test_transformers_encoder_loads_from_a_folder(tmp_path):
+    save_tiny_umt5(tmp_path)
+    assert pretrained_text_dim(tmp_path) == 32
+    enc = PretrainedTextEncoder(str(tmp_path), max_length=6)
+    out = enc(["a red circle moving up and", "a blue square"])
+    assert enc.dim == 32 and out.states.shape == (2, 6, 32)
+    assert out.mask.sum(1).tolist() == [6, 3]
+    assert out.states[1, 3:].abs().sum() == 0
+    assert not any(p.requires_grad for p in enc.parameters())
+    with pytest.raises(FileNotFoundError, match="text.encoder.path"):
+        PretrainedTextEncoder(str(tmp_path / "missing"))
+
+
+def test_minilm_from_the_package_gives_384_wide_states():
+    enc = MiniLMTextEncoder(max_length=12)
+    out = enc(["a red circle moving up", ""])
+    assert enc.dim == 384 and out.states.shape == (2, 12, 384)
+    assert out.mask[1].sum() == 2  # [CLS] [SEP]
+
+
+def test_prompt_encoder_caches_and_needs_a_negative_prompt():
+    calls = []
+
+    class Counting(VocabTextEncoder):
+        def forward(self, captions):
+            calls.append(list(captions))
+            return super().forward(captions)
+
+    prompts = PromptEncoder(Counting(16, 8), "")
+    first = prompts(["a", "b", "a"])
+    again = prompts(["b", "a"])
+    assert calls == [["a", "b"]]
+    assert torch.equal(first.states[1], again.states[0])
+    assert prompts.negative(3).states.shape == (3, 8, 16)
+    with pytest.raises(ValueError, match="text.negative_prompt"):
+        PromptEncoder(VocabTextEncoder(16, 8), None)
