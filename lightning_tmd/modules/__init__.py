@@ -1,0 +1,1 @@
+"""LightningModules, one per role. Free of Hydra."""

@@ -1,0 +1,167 @@
+"""TeacherModule: the flow-matching video model (trained from scratch for the embedded default,
+or loaded from a Wan diffusers folder), with velocity, x0, batched CFG and an Euler sampler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from lightning_tmd.losses import flow_matching_loss
+from lightning_tmd.nets.wan import WanNet
+from lightning_tmd.sampling import euler_sample, teacher_nfe
+from lightning_tmd.schedules import sample_train_times, shifted_grid
+
+
+def wan_timestep(t: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep input: 1000 t as float32, shape (B,)."""
+    return (1000.0 * t).float()
+
+
+def broadcast_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t (B,) -> (B, 1, 1, 1, 1) in x's dtype."""
+    return t.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
+class TeacherModule(L.LightningModule):
+    """Flow matching: x_t = (1 - t) x + t noise, target v = noise - x; CFG with the negative prompt.
+
+    Args:
+        model: {"path": diffusers folder or None, "config": WanTransformer3DModel kwargs,
+            "dtype": torch dtype name used when loading, "checkpoint_blocks": bool}.
+        lr, betas, weight_decay, warmup_steps: AdamW with a linear warm-up.
+        time_sampling: "logit_normal" or "shifted_uniform" (with `time_shift`).
+        cond_dropout: probability of replacing a caption by the negative prompt while training.
+        ema_decay: EMA of the weights used for sampling (None: sample with the raw weights).
+        sample_steps, sample_shift, guidance_scale: defaults of `sample()`.
+    """
+
+    def __init__(self, model: dict[str, Any], lr: float = 5e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.01, warmup_steps: int = 200, time_sampling: str = "logit_normal",
+                 time_shift: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0,
+                 cond_dropout: float = 0.1, ema_decay: float | None = 0.999, sample_steps: int = 50,
+                 sample_shift: float = 3.0, guidance_scale: float = 4.0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        dtype = getattr(torch, model.get("dtype") or "float32")
+        self.net = WanNet.build(model.get("path"), model.get("config"), dtype,
+                                bool(model.get("checkpoint_blocks", False)))
+        self.ema = (
+            AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            if ema_decay else None
+        )
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+
+    # -- predictions ---------------------------------------------------------------------------
+    def sampling_net(self) -> WanNet:
+        """The EMA weights when kept, else the raw weights."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 net: WanNet | None = None) -> torch.Tensor:
+        """v(x_t, t, c) with t in [0, 1], shape (B,)."""
+        return (net or self.net)(x_t, wan_timestep(t), context.to(x_t.dtype))
+
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+           net: WanNet | None = None) -> torch.Tensor:
+        """Clean estimate x0 = x_t - t v."""
+        return x_t - broadcast_time(t, x_t) * self.velocity(x_t, t, context, net)
+
+    def guided_velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                        negative_context: torch.Tensor, scale: float,
+                        net: WanNet | None = None) -> torch.Tensor:
+        """CFG in one batched forward: uncond + g (cond - uncond), uncond = the negative prompt."""
+        v = self.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                          torch.cat([context, negative_context]), net)
+        cond, uncond = v.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    # -- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, context: torch.Tensor, negative_context: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
+               steps: int | None = None, shift: float | None = None,
+               guidance_scale: float | None = None,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+        """Euler flow sampling on a shifted grid; returns (clips, NFE).
+
+        Give `noise` (B, C, T, H, W) or `shape` (C, T, H, W) (noise then comes from `generator`).
+        CFG runs when `guidance_scale != 1` (then `negative_context` is required).
+        """
+        hp = self.hparams
+        steps = steps or hp.sample_steps
+        shift = hp.sample_shift if shift is None else shift
+        scale = hp.guidance_scale if guidance_scale is None else guidance_scale
+        if noise is None:
+            noise = torch.randn((len(context), *shape), generator=generator, device=self.device)
+        net = self.sampling_net()
+        context = context.to(self.device)
+        if scale != 1.0:
+            if negative_context is None:
+                raise ValueError("guidance_scale != 1 needs negative_context (the negative prompt)")
+            negative_context = negative_context.to(self.device)
+
+            def velocity(x, t):
+                return self.guided_velocity(x, t, context, negative_context, scale, net)
+        else:
+
+            def velocity(x, t):
+                return self.velocity(x, t, context, net)
+
+        was_training = net.training
+        net.eval()
+        clips = euler_sample(velocity, noise.to(self.device), shifted_grid(steps, shift))
+        net.train(was_training)
+        return clips, teacher_nfe(steps, scale)
+
+    # -- training ------------------------------------------------------------------------------
+    def drop_condition(self, batch: dict) -> torch.Tensor:
+        """Captions replaced by the negative prompt with probability `cond_dropout`."""
+        context = batch["context"]
+        drop = torch.rand(len(context), device=context.device) < self.hparams.cond_dropout
+        return torch.where(drop[:, None, None], batch["negative_context"], context)
+
+    def flow_loss(self, batch: dict, t: torch.Tensor, noise: torch.Tensor,
+                  context: torch.Tensor) -> torch.Tensor:
+        x = batch["video"]
+        x_t = (1 - broadcast_time(t, x)) * x + broadcast_time(t, x) * noise
+        return flow_matching_loss(self.velocity(x_t, t, context), x, noise)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x = batch["video"]
+        hp = self.hparams
+        t = sample_train_times(len(x), hp.time_sampling, gamma=hp.time_shift, mean=hp.logit_mean,
+                               std=hp.logit_std, device=x.device)
+        loss = self.flow_loss(batch, t, torch.randn_like(x), self.drop_condition(batch))
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Loss at fixed times and fixed noise (seeded by the batch index), so curves are comparable."""
+        x = batch["video"]
+        g = torch.Generator(device=x.device).manual_seed(batch_idx)
+        noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        for t_value in (0.25, 0.5, 0.75):
+            t = torch.full((len(x),), t_value, dtype=torch.float64, device=x.device)
+            loss = self.flow_loss(batch, t, noise, batch["context"])
+            self.log(f"val/loss_t{t_value}", loss, batch_size=len(x))
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update (before callbacks can checkpoint the step)."""
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    def update_ema(self) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas),
+                                      weight_decay=hp.weight_decay)
+        warmup = max(1, hp.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,59 @@
+import torch
+from conftest import TINY_WAN
+
+from lightning_tmd.modules.teacher import TeacherModule
+
+
+def teacher(**kwargs):
+    return TeacherModule({"config": TINY_WAN}, **kwargs).eval()
+
+
+def batch_inputs(batch=2):
+    return torch.randn(batch, 3, 4, 8, 8), torch.tensor([0.9, 0.2], dtype=torch.float64), torch.randn(batch, 5, 16)
+
+
+def test_cfg_with_scale_one_equals_the_conditional_prediction():
+    module = teacher()
+    x, t, ctx = batch_inputs()
+    neg = torch.randn_like(ctx)
+    with torch.no_grad():
+        cond = module.velocity(x, t, ctx)
+        torch.testing.assert_close(module.guided_velocity(x, t, ctx, neg, 1.0), cond, atol=1e-5, rtol=0)
+        uncond = module.velocity(x, t, neg)
+        torch.testing.assert_close(module.guided_velocity(x, t, ctx, neg, 3.0), uncond + 3 * (cond - uncond),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_x0_is_x_t_minus_t_v():
+    module = teacher()
+    x, t, ctx = batch_inputs()
+    with torch.no_grad():
+        expected = x - t.float().view(-1, 1, 1, 1, 1) * module.velocity(x, t, ctx)
+        torch.testing.assert_close(module.x0(x, t, ctx), expected)
+
+
+def test_sample_reports_nfe_and_is_seeded():
+    module = teacher()
+    ctx, neg = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+
+    def run(**kw):
+        return module.sample(ctx, neg, shape=(3, 4, 8, 8), steps=3, generator=torch.Generator().manual_seed(1), **kw)
+
+    clips, nfe = run(guidance_scale=4.0)
+    assert clips.shape == (2, 3, 4, 8, 8) and nfe == 6
+    assert torch.equal(clips, run(guidance_scale=4.0)[0])
+    assert run(guidance_scale=1.0)[1] == 3
+
+
+def test_ema_follows_the_weights():
+    module = teacher(ema_decay=0.5)
+    before = [p.clone() for p in module.ema.module.parameters()]
+    with torch.no_grad():
+        for p in module.net.parameters():
+            p.add_(1.0)
+    module.update_ema()  # the first update copies
+    module.update_ema()
+    for b, e, p in zip(before, module.ema.module.parameters(), module.net.parameters()):
+        torch.testing.assert_close(e, p)
+        assert not torch.equal(b, e)
+    assert module.sampling_net() is module.ema.module

@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+
+from lightning_tmd.train import train
+
+
+def test_fast_dev_run_composed_with_hydra(smoke_cfg):
+    cfg = smoke_cfg("trainer.fast_dev_run=true")
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_smoke_experiment_trains_samples_and_checkpoints(smoke_cfg, tmp_path):
+    cfg = smoke_cfg()
+    train(cfg)
+    out = Path(cfg.output_dir)
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in (out / "tensorboard" / "samples").glob("*.gif")) == [
+        "step_0000010.gif", "step_0000020.gif"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_continues_step_counter_and_optimizer_state(smoke_cfg):
+    first = smoke_cfg("trainer.max_steps=10")
+    train(first)
+    ckpt = Path(first.output_dir) / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["global_step"] == 10
+    assert saved["optimizer_states"][0]["state"][0]["step"] == 10
+
+    resumed = smoke_cfg("trainer.max_steps=20", f"ckpt_path={ckpt}",
+                        f"output_dir={Path(first.output_dir) / 'resumed'}")
+    train(resumed)
+    final = torch.load(Path(resumed.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["global_step"] == 20
+    assert final["optimizer_states"][0]["state"][0]["step"] == 20  # Adam moments continued, not restarted
+    assert final["state_dict"]["ema.n_averaged"] == 20
+    assert final["lr_schedulers"][0]["last_epoch"] == 20
+
+
+def test_unknown_experiment_is_named(smoke_cfg):
+    with pytest.raises(MissingConfigException, match="experiment"):
+        smoke_cfg("experiment=no_such_experiment")
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "message"),
+    [
+        ("model.path=/no/such/folder", FileNotFoundError, "model.path"),
+        ("data.size=18", ValueError, "data.size=18"),
+        ("model.config.text_dim=32", ValueError, "text_dim"),
+        ("text.negative_prompt=null", ValueError, "text.negative_prompt"),
+        ("ckpt_path=/no/such.ckpt", FileNotFoundError, "ckpt_path"),
+    ],
+)
+def test_bad_config_fails_before_training(smoke_cfg, override, error, message):
+    with pytest.raises(error, match=message):
+        train(smoke_cfg(override))
+    assert not (Path(smoke_cfg().output_dir) / "checkpoints").exists()
+
+
+def test_resumed_run_equals_the_uninterrupted_run(smoke_cfg, tmp_path):
+    straight = smoke_cfg("trainer.max_steps=20", f"output_dir={tmp_path / 'straight'}")
+    train(straight)
+    first = smoke_cfg("trainer.max_steps=10", f"output_dir={tmp_path / 'first'}")
+    train(first)
+    resumed = smoke_cfg("trainer.max_steps=20", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}",
+                        f"output_dir={tmp_path / 'resumed'}")
+    train(resumed)
+
+    def weights(cfg):
+        return torch.load(Path(cfg.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
