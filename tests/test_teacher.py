@@ -57,3 +57,23 @@ def test_ema_follows_the_weights():
         torch.testing.assert_close(e, p)
         assert not torch.equal(b, e)
     assert module.sampling_net() is module.ema.module
+
+
+def test_ema_decay_warms_up_from_the_first_update():
+    module = teacher(ema_decay=0.999)
+    module.update_ema()  # copies
+    with torch.no_grad():
+        for p in module.net.parameters():
+            p.add_(1.0)
+    module.update_ema()  # n = 1: decay min(0.999, 2 / 11)
+    ema, net = next(module.ema.module.parameters()), next(module.net.parameters())
+    torch.testing.assert_close(net - ema, torch.full_like(ema, 2 / 11))
+
+
+def test_lr_warms_up_then_decays_by_cosine():
+    from lightning_tmd.optim import warmup_then_decay
+
+    factor = warmup_then_decay(10, "cosine", 110, 0.1)
+    assert factor(0) == 0.1 and factor(9) == 1.0
+    assert factor(10) == 1.0 and abs(factor(60) - 0.55) < 1e-9 and abs(factor(110) - 0.1) < 1e-9
+    assert warmup_then_decay(10, "constant", None, 0.1)(500) == 1.0

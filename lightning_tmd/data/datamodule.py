@@ -60,17 +60,18 @@ class ResumableLoader(DataLoader):
 class ShapesDataModule(L.LightningDataModule):
     """Procedural shapes clips with cached caption embeddings.
 
-    Captions are encoded in the main process (`on_before_batch_transfer`), once per distinct caption.
+    Captions are encoded in the main process (`on_before_batch_transfer`), once per distinct caption;
+    without a text encoder (e.g. for the judge) batches carry captions only.
     Batch: video (B, C, T, H, W), captions, labels, context / context_mask (B, S, D) / (B, S),
     negative_context / negative_mask (the negative prompt, expanded to the batch).
     """
 
-    def __init__(self, text_encoder: TextEncoder, negative_prompt: str | None, frames: int = 8,
+    def __init__(self, text_encoder: TextEncoder | None, negative_prompt: str | None = "", frames: int = 8,
                  size: int = 32, max_objects: int = 2, num_train: int = 1_000_000, num_val: int = 256,
                  batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
                  seed: int = 0) -> None:
         super().__init__()
-        self.prompts = PromptEncoder(text_encoder, negative_prompt)
+        self.prompts = PromptEncoder(text_encoder, negative_prompt) if text_encoder is not None else None
         clip = dict(seed=seed, frames=frames, size=size, max_objects=max_objects)
         self.train_set = ShapesDataset(num_train, start=0, **clip)
         self.val_set = ShapesDataset(num_val, start=VAL_START, **clip)
@@ -87,7 +88,7 @@ class ShapesDataModule(L.LightningDataModule):
                           generator=torch.Generator().manual_seed(self.seed))
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        return add_text(batch, self.prompts)
+        return add_text(batch, self.prompts) if self.prompts is not None else batch
 
 
 def add_text(batch: dict, prompts: PromptEncoder) -> dict:

@@ -7,10 +7,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from lightning_tmd.losses import flow_matching_loss
 from lightning_tmd.nets.wan import WanNet
+from lightning_tmd.optim import ema_with_warmup, warmup_then_decay
 from lightning_tmd.sampling import euler_sample, teacher_nfe
 from lightning_tmd.schedules import sample_train_times, shifted_grid
 
@@ -31,15 +32,17 @@ class TeacherModule(L.LightningModule):
     Args:
         model: {"path": diffusers folder or None, "config": WanTransformer3DModel kwargs,
             "dtype": torch dtype name used when loading, "checkpoint_blocks": bool}.
-        lr, betas, weight_decay, warmup_steps: AdamW with a linear warm-up.
+        lr, betas, weight_decay, warmup_steps: AdamW with a linear warm-up, then `lr_schedule`:
+            "constant", or "cosine" decay to `min_lr_ratio * lr` at the trainer's `max_steps`.
         time_sampling: "logit_normal" or "shifted_uniform" (with `time_shift`).
         cond_dropout: probability of replacing a caption by the negative prompt while training.
-        ema_decay: EMA of the weights used for sampling (None: sample with the raw weights).
+        ema_decay: EMA of the weights used for sampling, with a warm-up (None: sample with the raw weights).
         sample_steps, sample_shift, guidance_scale: defaults of `sample()`.
     """
 
     def __init__(self, model: dict[str, Any], lr: float = 5e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.01, warmup_steps: int = 200, time_sampling: str = "logit_normal",
+                 weight_decay: float = 0.01, warmup_steps: int = 200, lr_schedule: str = "constant",
+                 min_lr_ratio: float = 0.1, time_sampling: str = "logit_normal",
                  time_shift: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0,
                  cond_dropout: float = 0.1, ema_decay: float | None = 0.999, sample_steps: int = 50,
                  sample_shift: float = 3.0, guidance_scale: float = 4.0) -> None:
@@ -49,7 +52,7 @@ class TeacherModule(L.LightningModule):
         self.net = WanNet.build(model.get("path"), model.get("config"), dtype,
                                 bool(model.get("checkpoint_blocks", False)))
         self.ema = (
-            AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            AveragedModel(self.net, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
             if ema_decay else None
         )
         if self.ema is not None:
@@ -162,6 +165,7 @@ class TeacherModule(L.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas),
                                       weight_decay=hp.weight_decay)
-        warmup = max(1, hp.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
+        factor = warmup_then_decay(hp.warmup_steps, hp.lr_schedule, total, hp.min_lr_ratio)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
