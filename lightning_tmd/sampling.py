@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -26,3 +27,28 @@ def euler_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor) 
 def teacher_nfe(steps: int, guidance_scale: float) -> int:
     """Network evaluations of the teacher sampler: one per step, two with CFG (batched)."""
     return steps * (2 if guidance_scale != 1.0 else 1)
+
+
+def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One noise clip per seed, each from its own generator: a (prompt, seed) pair gives the same
+    clip whatever else is in the batch."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+
+
+def sample_clips(module: torch.nn.Module, context: torch.Tensor, negative_context: torch.Tensor,
+                 seeds: list[int], shape: tuple[int, ...], batch_size: int = 16, progress: bool = False,
+                 **sampler: Any) -> tuple[torch.Tensor, float]:
+    """Generate one clip per (context row, seed) in batches with `module.sample`; returns (clips, NFE).
+
+    `module.sample(context, negative_context, noise=..., **sampler)` must return (clips, nfe).
+    """
+    from tqdm.auto import tqdm
+
+    chunks, nfe = [], 0.0
+    starts = range(0, len(seeds), batch_size)
+    for start in tqdm(starts, desc="sampling", disable=not progress):
+        stop = start + batch_size
+        noise = seeded_noise(seeds[start:stop], shape)
+        clips, nfe = module.sample(context[start:stop], negative_context[start:stop], noise=noise, **sampler)
+        chunks.append(clips.cpu())
+    return torch.cat(chunks), nfe

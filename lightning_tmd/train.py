@@ -13,6 +13,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_tmd.callbacks import ConfigInCheckpoint
 from lightning_tmd.checks import check_config, check_text_width
 
 
@@ -39,6 +40,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_text_width(datamodule.prompts.dim, cfg)
     module = instantiate(cfg.stage.module, _convert_="all")
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
+    callbacks.append(ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)))
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:

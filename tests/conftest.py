@@ -38,3 +38,25 @@ def _seed():
     torch.manual_seed(0)
     yield
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def smoke_checkpoint(tmp_path_factory) -> Path:
+    """A shapes_smoke teacher trained once per test session."""
+    from lightning_tmd.train import train
+
+    out = tmp_path_factory.mktemp("smoke_run")
+    train(compose_train(["experiment=shapes_smoke", "callbacks.samples.every_n_steps=0"], out))
+    GlobalHydra.instance().clear()
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_judge(tmp_path_factory):
+    """A judge for the smoke clips (4 frames of 16 x 16), trained once per test session."""
+    from lightning_tmd.metrics.judge import train_judge
+
+    path = tmp_path_factory.mktemp("judge") / "judge.pt"
+    net, accuracy = train_judge(path, frames=4, size=16, max_objects=2, steps=1500, batch_size=32, num_val=256,
+                                width=16, num_features=64)
+    return path, net, accuracy

@@ -1,6 +1,7 @@
-"""Lightning callbacks the library lacks: sample-video logging, RNG state in checkpoints."""
+"""Lightning callbacks the library lacks: sample videos, RNG state and the run config in checkpoints."""
 
+from lightning_tmd.callbacks.config import ConfigInCheckpoint
 from lightning_tmd.callbacks.rng import RNGStateCheckpoint
 from lightning_tmd.callbacks.samples import SampleVideos
 
-__all__ = ["RNGStateCheckpoint", "SampleVideos"]
+__all__ = ["ConfigInCheckpoint", "RNGStateCheckpoint", "SampleVideos"]

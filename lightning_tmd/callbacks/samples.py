@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_tmd.sampling import sample_clips
 from lightning_tmd.video import save_video, to_uint8, video_grid
 
 DEFAULT_PROMPTS = (
@@ -24,10 +24,10 @@ DEFAULT_PROMPTS = (
 
 
 class SampleVideos(L.Callback):
-    """Every `every_n_steps` (and at the end of training) sample `prompts` with fixed seeds.
+    """Every `every_n_steps` (and at the end of training) sample `prompts` with seeds seed, seed + 1, ...
 
-    Needs a module with `sample(context, negative_context, shape=..., generator=..., **sampler)`
-    returning (clips, nfe), and a datamodule with `prompts` (a `PromptEncoder`) and `clip_shape`.
+    Needs a module with `sample(context, negative_context, noise=..., **sampler)` returning
+    (clips, nfe), and a datamodule with `prompts` (a `PromptEncoder`) and `clip_shape`.
     Writes `<log_dir>/samples/step_XXXXXXX.gif` and a TensorBoard video `samples`.
     """
 
@@ -54,10 +54,10 @@ class SampleVideos(L.Callback):
         datamodule = trainer.datamodule
         positive = datamodule.prompts(self.prompts)
         negative = datamodule.prompts.negative(len(self.prompts))
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        clips, nfe = pl_module.sample(positive.states, negative.states, shape=datamodule.clip_shape,
-                                      generator=generator, **self.sampler)
-        frames = to_uint8(clips.cpu())
+        seeds = [self.seed + i for i in range(len(self.prompts))]
+        clips, nfe = sample_clips(pl_module, positive.states, negative.states, seeds, datamodule.clip_shape,
+                                  batch_size=len(seeds), **self.sampler)
+        frames = to_uint8(clips)
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         path = save_video(video_grid(frames, columns=4, scale=self.scale),
                           log_dir / "samples" / f"step_{step:07d}.gif", fps=self.fps)

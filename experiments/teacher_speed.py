@@ -1,0 +1,120 @@
+"""Seconds per teacher training step, sampling latency and peak memory on this machine.
+
+    python experiments/teacher_speed.py                      # shapes_teacher and shapes_smoke
+    python experiments/teacher_speed.py --steps 20 --out experiments/results/teacher_speed.md
+
+Each experiment is measured in a fresh subprocess (so peak RSS is its own): the median of `--steps`
+timed AdamW steps (forward + backward + step, after 3 warm-up steps) on real shapes batches with
+cached text, the forward alone, and one 50-step CFG sample of 8 clips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def measure(experiment: str, steps: int) -> dict:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}", "output_dir=/tmp"])
+    torch.manual_seed(0)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.stage.module, _convert_="all")
+    optimizer = module.configure_optimizers()["optimizer"]
+    batches = iter(datamodule.train_dataloader())
+
+    def next_batch():
+        return datamodule.on_before_batch_transfer(next(batches), 0)
+
+    train_times, forward_times = [], []
+    for i in range(steps + 3):
+        batch = next_batch()
+        start = time.perf_counter()
+        x = batch["video"]
+        t = torch.rand(len(x), dtype=torch.float64)
+        loss = module.flow_loss(batch, t, torch.randn_like(x), batch["context"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        module.update_ema()
+        if i >= 3:
+            train_times.append(time.perf_counter() - start)
+    with torch.no_grad():
+        for _ in range(5):
+            batch = next_batch()
+            start = time.perf_counter()
+            module.velocity(batch["video"], torch.full((len(batch["video"]),), 0.5), batch["context"])
+            forward_times.append(time.perf_counter() - start)
+    prompts = datamodule.prompts(["a red circle moving up"] * 8)
+    negative = datamodule.prompts.negative(8)
+    start = time.perf_counter()
+    _, nfe = module.sample(prompts.states, negative.states, shape=datamodule.clip_shape, steps=50)
+    sample_time = time.perf_counter() - start
+    tokens = 1
+    for size, patch in zip(datamodule.clip_shape[1:], cfg.model.config.patch_size):
+        tokens *= size // patch
+    return {
+        "experiment": experiment,
+        "params_M": sum(p.numel() for p in module.net.parameters()) / 1e6,
+        "clip": "x".join(map(str, datamodule.clip_shape)),
+        "tokens": tokens,
+        "batch": datamodule.batch_size,
+        "train_step_s": statistics.median(train_times),
+        "forward_s": statistics.median(forward_times),
+        "sample_8_clips_s": sample_time,
+        "sample_nfe": nfe,
+        "peak_rss_GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| experiment | params (M) | clip C×T×H×W | tokens | batch | s / train step | s / forward | "
+            "s / 8 samples (50 steps, CFG) | NFE | peak RSS (GB) | threads |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['experiment']} | {r['params_M']:.2f} | {r['clip']} | {r['tokens']} | {r['batch']} | "
+            f"{r['train_step_s']:.3f} | {r['forward_s']:.3f} | {r['sample_8_clips_s']:.1f} | {r['sample_nfe']} | "
+            f"{r['peak_rss_GB']:.2f} | {r['threads']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiments", nargs="+", default=["shapes_teacher", "shapes_smoke"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default="experiments/results/teacher_speed.md")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.steps)))
+        return
+    rows = []
+    for experiment in args.experiments:
+        result = subprocess.run([sys.executable, __file__, "--one", experiment, "--steps", str(args.steps)],
+                                check=True, capture_output=True, text=True)
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    command = f"python experiments/teacher_speed.py --steps {args.steps}"
+    text = f"# Teacher speed on this machine\n\nCommand: `{command}`\n\n{table(rows)}\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

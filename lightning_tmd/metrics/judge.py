@@ -1,0 +1,248 @@
+"""The shapes judge: a small 3D-conv video network trained on shapes clips to read every caption
+attribute back from pixels.
+
+Colours within a clip are distinct, so the judge predicts per colour: is an object of this colour
+present, and if so its shape and direction; plus the object count. Its penultimate features
+(`num_features` wide) feed the Fréchet video distance (FVD-shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_tmd.data.shapes import COLOR_NAMES, DIRECTION_NAMES, SHAPES
+
+NUM_COLORS, NUM_SHAPES, NUM_DIRECTIONS = len(COLOR_NAMES), len(SHAPES), len(DIRECTION_NAMES)
+
+
+def conv_block(c_in: int, c_out: int, stride: tuple[int, int, int]) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1), nn.GroupNorm(8, c_out), nn.SiLU())
+
+
+class ShapesJudgeNet(nn.Module):
+    """(B, 3, T, H, W) in [-1, 1] -> attribute logits; `features()` gives the penultimate layer."""
+
+    def __init__(self, width: int = 32, num_features: int = 128, max_objects: int = 2) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.body = nn.Sequential(
+            conv_block(3, width, (1, 2, 2)),
+            conv_block(width, 2 * width, (2, 2, 2)),
+            conv_block(2 * width, 4 * width, (1, 2, 2)),
+            conv_block(4 * width, 4 * width, (1, 1, 1)),
+            nn.AdaptiveAvgPool3d(1),
+            nn.Flatten(),
+            nn.Linear(4 * width, num_features),
+            nn.SiLU(),
+        )
+        self.count = nn.Linear(num_features, max_objects)  # 1 .. max_objects objects
+        self.present = nn.Linear(num_features, NUM_COLORS)
+        self.shape = nn.Linear(num_features, NUM_COLORS * NUM_SHAPES)
+        self.direction = nn.Linear(num_features, NUM_COLORS * NUM_DIRECTIONS)
+
+    def features(self, video: torch.Tensor) -> torch.Tensor:
+        return self.body(video.float())
+
+    def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.features(video)
+        return {
+            "count": self.count(h),
+            "present": self.present(h),
+            "shape": self.shape(h).unflatten(1, (NUM_COLORS, NUM_SHAPES)),
+            "direction": self.direction(h).unflatten(1, (NUM_COLORS, NUM_DIRECTIONS)),
+        }
+
+
+class JudgeFeatures(nn.Module):
+    """The judge's penultimate features as a torchmetrics feature extractor (has `num_features`)."""
+
+    def __init__(self, judge: ShapesJudgeNet) -> None:
+        super().__init__()
+        self.judge = judge
+        self.num_features = judge.num_features
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.judge.features(video)
+
+
+def per_color_targets(labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Object-slot labels -> per-colour targets: present (B, 6) and shape / direction (B, 6), -1 if absent."""
+    color = labels["color"]
+    batch = color.shape[0]
+    present = torch.zeros(batch, NUM_COLORS, device=color.device)
+    shape = torch.full((batch, NUM_COLORS), -1, dtype=torch.long, device=color.device)
+    direction = shape.clone()
+    rows, slots = torch.nonzero(color >= 0, as_tuple=True)
+    cols = color[rows, slots]
+    present[rows, cols] = 1.0
+    shape[rows, cols] = labels["shape"][rows, slots]
+    direction[rows, cols] = labels["direction"][rows, slots]
+    return {"present": present, "shape": shape, "direction": direction}
+
+
+def judge_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    target = per_color_targets(labels)
+    return (
+        F.cross_entropy(logits["count"], labels["num_objects"] - 1)
+        + F.binary_cross_entropy_with_logits(logits["present"], target["present"])
+        + F.cross_entropy(logits["shape"].flatten(0, 1), target["shape"].flatten(), ignore_index=-1)
+        + F.cross_entropy(logits["direction"].flatten(0, 1), target["direction"].flatten(), ignore_index=-1)
+    )
+
+
+@dataclass
+class Judgement:
+    """Per-clip verdicts of the judge against the prompt's labels (bool tensors, shape (B,))."""
+
+    count: torch.Tensor
+    color: torch.Tensor  # the set of colours is exactly the captioned one
+    shape: torch.Tensor  # every captioned object (by colour) has the captioned shape
+    direction: torch.Tensor  # ... and the captioned direction
+    objects: dict[str, torch.Tensor]  # per captioned object: (N_objects,) bool for each attribute
+
+    @property
+    def all(self) -> torch.Tensor:
+        return self.count & self.color & self.shape & self.direction
+
+
+@torch.no_grad()
+def judge(net: ShapesJudgeNet, video: torch.Tensor, labels: dict[str, torch.Tensor]) -> Judgement:
+    """Compare what the judge reads from `video` with the prompt's `labels`."""
+    logits = net(video)
+    target = per_color_targets(labels)
+    count = logits["count"].argmax(1) + 1
+    # the `count` most likely colours are the ones present
+    ranked = logits["present"].argsort(1, descending=True)
+    ranks = torch.empty_like(ranked)
+    ranks.scatter_(1, ranked, torch.arange(NUM_COLORS, device=ranked.device).expand_as(ranked))
+    predicted_present = ranks < count[:, None]
+    captioned = target["present"].bool()
+    shape_ok = logits["shape"].argmax(2) == target["shape"]
+    direction_ok = logits["direction"].argmax(2) == target["direction"]
+    return Judgement(
+        count=count == labels["num_objects"],
+        color=(predicted_present == captioned).all(1),
+        shape=(shape_ok | ~captioned).all(1),
+        direction=(direction_ok | ~captioned).all(1),
+        objects={
+            "color": predicted_present[captioned],
+            "shape": shape_ok[captioned],
+            "direction": direction_ok[captioned],
+        },
+    )
+
+
+class JudgeModule(L.LightningModule):
+    """Trains the judge on shapes clips (the DataModule's text is not used)."""
+
+    def __init__(self, width: int = 32, num_features: int = 128, max_objects: int = 2, lr: float = 2e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = ShapesJudgeNet(width, num_features, max_objects)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = judge_loss(self.net(batch["video"]), batch["labels"])
+        self.log("judge/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        verdict = judge(self.net, batch["video"], batch["labels"])
+        for key in ("count", "color", "shape", "direction", "all"):
+            self.log(f"judge_val/{key}", getattr(verdict, key).float().mean(), batch_size=len(batch["video"]))
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-4)
+        steps = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1000
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, self.hparams.lr, total_steps=steps, pct_start=0.1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def save_judge(net: ShapesJudgeNet, path: str | Path, data: dict, accuracy: dict[str, float]) -> Path:
+    """Cache the judge with the data settings it was trained on and its held-out accuracy."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": net.state_dict(), "config": {"width": net.body[0][0].out_channels,
+                "num_features": net.num_features, "max_objects": net.count.out_features},
+                "data": data, "accuracy": accuracy}, path)
+    return path
+
+
+def load_judge(path: str | Path, data: dict | None = None) -> tuple[ShapesJudgeNet, dict]:
+    """Load a cached judge; with `data`, check it was trained on clips of the same settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"judge.path: no cached judge at '{path}': train one with "
+                                "`python -m lightning_tmd.metrics.train_judge`")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if data is not None:
+        mismatched = {k: (saved["data"].get(k), v) for k, v in data.items() if saved["data"].get(k) != v}
+        if mismatched:
+            raise ValueError(f"judge.path: '{path}' was trained on other clips {mismatched} (cached, wanted): "
+                             "retrain it for these data settings")
+    net = ShapesJudgeNet(**saved["config"])
+    net.load_state_dict(saved["state_dict"])
+    return net.eval().requires_grad_(False), saved
+
+
+def data_key(frames: int, size: int, max_objects: int) -> dict[str, int]:
+    """The clip settings a judge is tied to."""
+    return {"frames": frames, "size": size, "max_objects": max_objects}
+
+
+@torch.no_grad()
+def judge_accuracy(net: ShapesJudgeNet, videos: torch.Tensor, labels: dict[str, torch.Tensor],
+                   batch_size: int = 64) -> dict[str, float]:
+    """Per-attribute accuracy: count and all-correct per clip; colour, shape, direction per object."""
+    verdicts = [judge(net, videos[i : i + batch_size], {k: v[i : i + batch_size] for k, v in labels.items()})
+                for i in range(0, len(videos), batch_size)]
+    per_object = {k: torch.cat([v.objects[k] for v in verdicts]).float().mean().item()
+                  for k in ("color", "shape", "direction")}
+    return {
+        "count": torch.cat([v.count for v in verdicts]).float().mean().item(),
+        **per_object,
+        "all": torch.cat([v.all for v in verdicts]).float().mean().item(),
+    }
+
+
+def train_judge(path: str | Path, frames: int = 8, size: int = 32, max_objects: int = 2, steps: int = 5000,
+                batch_size: int = 32, num_val: int = 1024, seed: int = 0, width: int = 32,
+                num_features: int = 128) -> tuple[ShapesJudgeNet, dict[str, float]]:
+    """Train a judge on the shapes train split, measure it on held-out val clips, cache it at `path`."""
+    from lightning_tmd.data.datamodule import ShapesDataModule
+    from lightning_tmd.data.shapes import ShapesDataset
+
+    L.seed_everything(seed)
+    datamodule = ShapesDataModule(None, frames=frames, size=size, max_objects=max_objects,
+                                  batch_size=batch_size, num_val=256, seed=seed)
+    module = JudgeModule(width, num_features, max_objects)
+    trainer = L.Trainer(max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
+                        val_check_interval=min(500, steps), check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                        enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(module, datamodule=datamodule)
+    # held out: validation clips the judge never saw, past the ones used for the validation curve
+    held_out = ShapesDataset(num_val, start=datamodule.val_set.start + 10_000, seed=seed, frames=frames,
+                             size=size, max_objects=max_objects)
+    items = [held_out[i] for i in range(num_val)]
+    videos = torch.stack([it["video"] for it in items])
+    labels = {k: torch.stack([it["labels"][k] for it in items]) for k in items[0]["labels"]}
+    net = module.net.eval().requires_grad_(False)
+    accuracy = judge_accuracy(net, videos, labels)
+    save_judge(net, path, data_key(frames, size, max_objects), accuracy)
+    return net, accuracy
+
+
+def ensure_judge(path: str | Path, frames: int, size: int, max_objects: int,
+                 **train_kwargs: Any) -> tuple[ShapesJudgeNet, dict]:
+    """The cached judge for these clip settings, trained first if there is none."""
+    key = data_key(frames, size, max_objects)
+    if not Path(path).is_file():
+        net, accuracy = train_judge(path, frames, size, max_objects, **train_kwargs)
+        return net, {"accuracy": accuracy, "data": key}
+    return load_judge(path, key)

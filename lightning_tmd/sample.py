@@ -1,0 +1,75 @@
+"""Sample videos from a checkpoint: a GIF/MP4 per prompt, one grid image, and `samples.pt`.
+
+    python -m lightning_tmd.sample ckpt=runs/shapes_teacher/main/checkpoints/last.ckpt seeds='[0,1,2,3]'
+
+`samples.pt` holds {"videos": uint8 (N, T, H, W, C), "prompts", "seeds", "sampler", "nfe", "ckpt"}.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import hydra
+import imageio.v2 as imageio
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_tmd.generators import load_generator
+from lightning_tmd.sampling import sample_clips
+from lightning_tmd.video import save_video, to_uint8, video_grid
+
+
+def read_prompts(cfg: DictConfig) -> list[str]:
+    if cfg.get("prompts_file"):
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts_file: no file at '{path}'")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        prompts = list(cfg.prompts or [])
+    if not prompts:
+        raise ValueError("prompts: give at least one prompt (prompts=[...] or prompts_file=...)")
+    return prompts
+
+
+def slug(text: str, limit: int = 60) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit]
+
+
+def sample(cfg: DictConfig) -> dict[str, Any]:
+    """Generate every (prompt, seed) pair, write the files, return the `samples.pt` content."""
+    if cfg.format not in ("gif", "mp4"):
+        raise ValueError(f"format={cfg.format!r}: use gif or mp4")
+    prompts, seeds = read_prompts(cfg), [int(s) for s in cfg.seeds]
+    loaded = load_generator(cfg.ckpt, cfg.device)
+    pairs = [(p, s) for p in prompts for s in seeds]
+    positive = loaded.prompts([p for p, _ in pairs])
+    negative = loaded.prompts.negative(len(pairs))
+    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    clips, nfe = sample_clips(loaded.module, positive.states, negative.states, [s for _, s in pairs],
+                              loaded.clip_shape, batch_size=cfg.batch_size, progress=True, **sampler)
+    frames = to_uint8(clips)  # (N, T, H, W, C)
+    out = Path(cfg.out_dir)
+    for i, prompt in enumerate(prompts):
+        rows = frames[i * len(seeds) : (i + 1) * len(seeds)]
+        save_video(video_grid(rows, columns=len(seeds), scale=cfg.scale), out / f"{i:03d}_{slug(prompt)}.{cfg.format}",
+                   fps=cfg.fps)
+    # one picture: a row per clip, its frames left to right
+    strip = frames.permute(0, 2, 1, 3, 4).flatten(2, 3)  # (N, H, T*W, C)
+    imageio.imwrite(out / "grid.png", video_grid(strip[:, None], columns=1, scale=cfg.scale)[0])
+    result = {"videos": frames, "prompts": [p for p, _ in pairs], "seeds": [s for _, s in pairs],
+              "sampler": sampler, "nfe": nfe, "ckpt": str(cfg.ckpt)}
+    torch.save(result, out / "samples.pt")
+    print(f"wrote {len(pairs)} clips (NFE {nfe}) to {out}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+import json
+
+import pytest
+import torch
+
+from lightning_tmd.data.shapes import ShapesDataset
+from lightning_tmd.metrics.judge import JudgeFeatures, judge_accuracy, load_judge, per_color_targets
+from lightning_tmd.metrics.video import (
+    fake_distance,
+    frechet_video_distance,
+    shuffle_frames,
+    temporal_consistency,
+    update_in_batches,
+)
+
+
+def clips(count, start=0, **kw):
+    data = ShapesDataset(count, start=start, frames=4, size=16, **kw)
+    items = [data[i] for i in range(count)]
+    labels = {k: torch.stack([it["labels"][k] for it in items]) for k in items[0]["labels"]}
+    return torch.stack([it["video"] for it in items]), labels
+
+
+def test_per_color_targets_follow_the_object_slots():
+    labels = {"color": torch.tensor([[2, -1], [0, 5]]), "shape": torch.tensor([[1, -1], [2, 0]]),
+              "direction": torch.tensor([[7, -1], [3, 4]])}
+    target = per_color_targets(labels)
+    assert target["present"].tolist() == [[0, 0, 1, 0, 0, 0], [1, 0, 0, 0, 0, 1]]
+    assert target["shape"][1].tolist() == [2, -1, -1, -1, -1, 0]
+    assert target["direction"][0, 2] == 7
+
+
+def test_judge_beats_chance_by_a_wide_margin(tiny_judge):
+    _, _, accuracy = tiny_judge
+    # chance: count 1/2, colour ~1/4, shape 1/3, direction 1/8
+    assert accuracy["count"] > 0.9
+    assert accuracy["color"] > 0.8
+    assert accuracy["shape"] > 0.6
+    assert accuracy["direction"] > 0.5
+
+
+def test_cached_judge_loads_and_refuses_other_clip_settings(tiny_judge):
+    path, net, _ = tiny_judge
+    loaded, info = load_judge(path, {"frames": 4, "size": 16, "max_objects": 2})
+    video, _ = clips(4)
+    torch.testing.assert_close(loaded.features(video), net.features(video))
+    assert set(info["accuracy"]) == {"count", "color", "shape", "direction", "all"}
+    with pytest.raises(ValueError, match="judge.path"):
+        load_judge(path, {"frames": 8, "size": 16, "max_objects": 2})
+    with pytest.raises(FileNotFoundError, match="judge.path"):
+        load_judge(path.parent / "missing.pt")
+
+
+def test_real_clips_adhere_to_their_own_captions(tiny_judge):
+    _, net, _ = tiny_judge
+    video, labels = clips(256, start=1 << 41)
+    accuracy = judge_accuracy(net, video, labels)
+    assert accuracy["color"] > 0.8 and accuracy["count"] > 0.9
+    shuffled = {k: v.roll(1, 0) for k, v in labels.items()}  # someone else's captions
+    assert judge_accuracy(net, video, shuffled)["all"] < 0.5 * accuracy["all"]
+
+
+def test_fvd_is_zero_on_itself_and_grows_with_noise_and_shuffled_frames(tiny_judge):
+    _, net, _ = tiny_judge
+    real, _ = clips(256, start=1 << 41)
+    other, _ = clips(256, start=(1 << 41) + 256)
+    fvd = frechet_video_distance(JudgeFeatures(net))
+    update_in_batches(fvd, real, real=True)
+    itself = fake_distance(fvd, real)
+    floor = fake_distance(fvd, other)
+    noised = fake_distance(fvd, (other + torch.randn_like(other)).clamp(-1, 1))
+    shuffled = fake_distance(fvd, shuffle_frames(other, torch.Generator().manual_seed(0)))
+    assert abs(itself) < 1e-3 * max(floor, 1.0)
+    assert noised > 2 * floor and shuffled > 1.5 * floor
+
+
+def test_shuffle_frames_permutes_time_only():
+    video, _ = clips(3)
+    shuffled = shuffle_frames(video, torch.Generator().manual_seed(1))
+    for i in range(3):
+        frames = {video[i, :, t].numpy().tobytes() for t in range(4)}
+        assert {shuffled[i, :, t].numpy().tobytes() for t in range(4)} == frames
+
+
+def test_temporal_consistency_is_low_on_real_clips_and_high_on_flicker():
+    video, _ = clips(32, max_objects=1)
+    steady = temporal_consistency(video)
+    flicker = video.clone()
+    flicker[:, :, ::2] = -1  # objects vanish every other frame
+    assert steady["size_cv"] < 0.1 and steady["colour_drift"] < 0.05
+    assert temporal_consistency(flicker)["size_cv"] > 0.5
+
+
+def test_clip_score_runs_with_weights_from_a_file(tmp_path):
+    import open_clip
+
+    from lightning_tmd.metrics.clip_score import CLIPVideoScore
+
+    vision = {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16}
+    config = {"embed_dim": 16, "vision_cfg": vision,
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path)
+    model = open_clip.create_model("tiny-clip")
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    scorer = CLIPVideoScore("tiny-clip", str(tmp_path / "tiny.pt"))
+    video, _ = clips(3)
+    scores = scorer(video, ["a red circle", "a blue square", "a green triangle"])
+    assert scores.shape == (3,) and (scores >= 0).all() and (scores <= 100).all()
+    with pytest.raises(FileNotFoundError, match="clip_score.weights"):
+        CLIPVideoScore("tiny-clip", None)
+
+
+def test_lpips_diversity_with_backbone_weights_from_a_file(tmp_path):
+    import torchvision
+
+    from lightning_tmd.metrics.lpips_diversity import LPIPSDiversity
+
+    features = {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}
+    torch.save(features, tmp_path / "alexnet.pth")
+    diversity = LPIPSDiversity(str(tmp_path / "alexnet.pth"))
+    video, _ = clips(4)
+    same = diversity(torch.stack([video[0], video[0]]), ["a", "a"])
+    different = diversity(video, ["a", "a", "b", "b"])
+    assert same == pytest.approx(0.0, abs=1e-6) and different > 0
+    with pytest.raises(FileNotFoundError, match="lpips.weights"):
+        LPIPSDiversity(None)
