@@ -77,3 +77,8 @@ def test_lr_warms_up_then_decays_by_cosine():
     assert factor(0) == 0.1 and factor(9) == 1.0
     assert factor(10) == 1.0 and abs(factor(60) - 0.55) < 1e-9 and abs(factor(110) - 0.1) < 1e-9
     assert warmup_then_decay(10, "constant", None, 0.1)(500) == 1.0
+
+
+def test_optimizers_are_built_outside_a_trainer():
+    config = teacher(lr=1e-3).configure_optimizers()
+    assert config["optimizer"].param_groups[0]["lr"] == 1e-3 * config["lr_scheduler"]["scheduler"].lr_lambdas[0](0)

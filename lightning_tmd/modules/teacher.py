@@ -165,7 +165,8 @@ class TeacherModule(L.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas),
                                       weight_decay=hp.weight_decay)
-        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
+        trainer = self._trainer  # None outside a Trainer (benchmarks, notebooks)
+        total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else None
         factor = warmup_then_decay(hp.warmup_steps, hp.lr_schedule, total, hp.min_lr_ratio)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
