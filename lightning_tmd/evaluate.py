@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_tmd.data.datamodule import VAL_START
-from lightning_tmd.data.shapes import ShapesDataset
+from lightning_tmd.data.shapes import ShapesDataset, stacked
 from lightning_tmd.generators import LoadedGenerator, load_generator
 from lightning_tmd.metrics.judge import JudgeFeatures, ShapesJudgeNet, ensure_judge, judge_accuracy
 from lightning_tmd.metrics.video import (
@@ -44,14 +44,8 @@ COLUMNS = [("model", "model"), ("setting", "setting"), ("nfe", "eff. NFE"), ("fv
 
 def held_out_set(data: dict[str, int], count: int, offset: int) -> dict[str, Any]:
     """`count` validation clips from `offset` on: videos, captions, labels (never seen in training)."""
-    dataset = ShapesDataset(count, start=VAL_START + offset, seed=data["seed"], frames=data["frames"],
-                            size=data["size"], max_objects=data["max_objects"])
-    items = [dataset[i] for i in range(count)]
-    return {
-        "videos": torch.stack([it["video"] for it in items]),
-        "captions": [it["caption"] for it in items],
-        "labels": {k: torch.stack([it["labels"][k] for it in items]) for k in items[0]["labels"]},
-    }
+    return stacked(ShapesDataset(count, start=VAL_START + offset, seed=data["seed"], frames=data["frames"],
+                                 size=data["size"], max_objects=data["max_objects"]))
 
 
 def data_settings(cfg: DictConfig, models: dict[str, LoadedGenerator]) -> dict[str, int]:

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from lightning_tmd.data.shapes import ShapesDataset
+from lightning_tmd.data.shapes import ShapesDataset, stacked
 from lightning_tmd.metrics.judge import JudgeFeatures, judge_accuracy, load_judge, per_color_targets
 from lightning_tmd.metrics.video import (
     fake_distance,
@@ -15,10 +15,8 @@ from lightning_tmd.metrics.video import (
 
 
 def clips(count, start=0, **kw):
-    data = ShapesDataset(count, start=start, frames=4, size=16, **kw)
-    items = [data[i] for i in range(count)]
-    labels = {k: torch.stack([it["labels"][k] for it in items]) for k in items[0]["labels"]}
-    return torch.stack([it["video"] for it in items]), labels
+    batch = stacked(ShapesDataset(count, start=start, frames=4, size=16, **kw))
+    return batch["videos"], batch["labels"]
 
 
 def test_per_color_targets_follow_the_object_slots():

@@ -146,3 +146,13 @@ class ShapesDataset(Dataset):
             "caption": caption_of(objects),
             "labels": labels,
         }
+
+
+def stacked(dataset: ShapesDataset) -> dict:
+    """Every clip of `dataset` in one batch: videos (N, C, T, H, W), captions, labels {name: (N, ...)}."""
+    items = [dataset[i] for i in range(len(dataset))]
+    return {
+        "videos": torch.stack([it["video"] for it in items]),
+        "captions": [it["caption"] for it in items],
+        "labels": {k: torch.stack([it["labels"][k] for it in items]) for k in items[0]["labels"]},
+    }

@@ -216,7 +216,7 @@ def train_judge(path: str | Path, frames: int = 8, size: int = 32, max_objects: 
                 num_features: int = 128) -> tuple[ShapesJudgeNet, dict[str, float]]:
     """Train a judge on the shapes train split, measure it on held-out val clips, cache it at `path`."""
     from lightning_tmd.data.datamodule import ShapesDataModule
-    from lightning_tmd.data.shapes import ShapesDataset
+    from lightning_tmd.data.shapes import ShapesDataset, stacked
 
     L.seed_everything(seed)
     datamodule = ShapesDataModule(None, frames=frames, size=size, max_objects=max_objects,
@@ -227,13 +227,10 @@ def train_judge(path: str | Path, frames: int = 8, size: int = 32, max_objects: 
                         enable_model_summary=False, accelerator="cpu", devices=1)
     trainer.fit(module, datamodule=datamodule)
     # held out: validation clips the judge never saw, past the ones used for the validation curve
-    held_out = ShapesDataset(num_val, start=datamodule.val_set.start + 10_000, seed=seed, frames=frames,
-                             size=size, max_objects=max_objects)
-    items = [held_out[i] for i in range(num_val)]
-    videos = torch.stack([it["video"] for it in items])
-    labels = {k: torch.stack([it["labels"][k] for it in items]) for k in items[0]["labels"]}
+    held_out = stacked(ShapesDataset(num_val, start=datamodule.val_set.start + 10_000, seed=seed, frames=frames,
+                                     size=size, max_objects=max_objects))
     net = module.net.eval().requires_grad_(False)
-    accuracy = judge_accuracy(net, videos, labels)
+    accuracy = judge_accuracy(net, held_out["videos"], held_out["labels"])
     save_judge(net, path, data_key(frames, size, max_objects), accuracy)
     return net, accuracy
 
