@@ -178,8 +178,8 @@ def load_judge(path: str | Path, data: dict | None = None) -> tuple[ShapesJudgeN
     """Load a cached judge; with `data`, check it was trained on clips of the same settings."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"judge.path: no cached judge at '{path}': train one with "
-                                "`python -m lightning_tmd.metrics.train_judge`")
+        raise FileNotFoundError(f"judge.path: no cached judge at '{path}': `python -m lightning_tmd.evaluate` "
+                                "trains one there when it is missing (or call `train_judge`)")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if data is not None:
         mismatched = {k: (saved["data"].get(k), v) for k, v in data.items() if saved["data"].get(k) != v}
