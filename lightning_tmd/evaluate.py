@@ -81,9 +81,7 @@ def generate_set(loaded: LoadedGenerator, captions: list[str], seeds: list[int],
         saved = torch.load(path, weights_only=True)
         frames, nfe = saved["videos"], saved["nfe"]
     else:
-        positive = loaded.prompts(captions)
-        negative = loaded.prompts.negative(len(captions))
-        clips, nfe = sample_clips(loaded.module, positive.states, negative.states, seeds, loaded.clip_shape,
+        clips, nfe = sample_clips(loaded.module, loaded.prompts, captions, seeds, loaded.clip_shape,
                                   batch_size=batch_size, progress=True, **sampler)
         frames = to_uint8(clips)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,10 +45,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     prompts, seeds = read_prompts(cfg), [int(s) for s in cfg.seeds]
     loaded = load_generator(cfg.ckpt, cfg.device)
     pairs = [(p, s) for p in prompts for s in seeds]
-    positive = loaded.prompts([p for p, _ in pairs])
-    negative = loaded.prompts.negative(len(pairs))
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
-    clips, nfe = sample_clips(loaded.module, positive.states, negative.states, [s for _, s in pairs],
+    clips, nfe = sample_clips(loaded.module, loaded.prompts, [p for p, _ in pairs], [s for _, s in pairs],
                               loaded.clip_shape, batch_size=cfg.batch_size, progress=True, **sampler)
     frames = to_uint8(clips)  # (N, T, H, W, C)
     out = Path(cfg.out_dir)

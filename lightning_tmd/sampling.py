@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from lightning_tmd.nets.text import PromptEncoder
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t (B,)) -> velocity
 
@@ -35,20 +38,22 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device 
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
 
 
-def sample_clips(module: torch.nn.Module, context: torch.Tensor, negative_context: torch.Tensor,
-                 seeds: list[int], shape: tuple[int, ...], batch_size: int = 16, progress: bool = False,
+def sample_clips(module: torch.nn.Module, prompts: PromptEncoder, captions: list[str], seeds: list[int],
+                 shape: tuple[int, ...], batch_size: int = 16, progress: bool = False,
                  **sampler: Any) -> tuple[torch.Tensor, float]:
-    """Generate one clip per (context row, seed) in batches with `module.sample`; returns (clips, NFE).
+    """Generate one clip per (caption, seed) in batches with `module.sample`; returns (clips, NFE).
 
+    Captions and the negative prompt are embedded by `prompts`;
     `module.sample(context, negative_context, noise=..., **sampler)` must return (clips, nfe).
     """
     from tqdm.auto import tqdm
 
     chunks, nfe = [], 0.0
-    starts = range(0, len(seeds), batch_size)
-    for start in tqdm(starts, desc="sampling", disable=not progress):
+    for start in tqdm(range(0, len(seeds), batch_size), desc="sampling", disable=not progress):
         stop = start + batch_size
+        positive = prompts(captions[start:stop])
+        negative = prompts.negative(len(positive))
         noise = seeded_noise(seeds[start:stop], shape)
-        clips, nfe = module.sample(context[start:stop], negative_context[start:stop], noise=noise, **sampler)
+        clips, nfe = module.sample(positive.states, negative.states, noise=noise, **sampler)
         chunks.append(clips.cpu())
     return torch.cat(chunks), nfe

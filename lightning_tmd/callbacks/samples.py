@@ -52,10 +52,8 @@ class SampleVideos(L.Callback):
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         self._last_step = step = trainer.global_step
         datamodule = trainer.datamodule
-        positive = datamodule.prompts(self.prompts)
-        negative = datamodule.prompts.negative(len(self.prompts))
         seeds = [self.seed + i for i in range(len(self.prompts))]
-        clips, nfe = sample_clips(pl_module, positive.states, negative.states, seeds, datamodule.clip_shape,
+        clips, nfe = sample_clips(pl_module, datamodule.prompts, self.prompts, seeds, datamodule.clip_shape,
                                   batch_size=len(seeds), **self.sampler)
         frames = to_uint8(clips)
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
