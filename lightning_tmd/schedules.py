@@ -67,3 +67,18 @@ def sample_train_times(
     if kind == "logit_normal":
         return sample_logit_normal(n, mean, std, generator=generator, device=device)
     raise ValueError(f"time sampling '{kind}' is unknown: use 'shifted_uniform' or 'logit_normal'")
+
+
+def broadcast_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t (B,) -> (B, 1, ..., 1) in x's dtype, to scale a batch of clips per sample."""
+    return t.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
+def grid_floor(grid: torch.Tensor, s: torch.Tensor, strict: bool = False) -> torch.Tensor:
+    """For each s, the largest grid point <= s (< s when `strict`), float64 (METHOD §3.2, Q7).
+
+    `grid` may be listed in any order (the shifted grids run from noise to data).
+    """
+    points = grid.to(device=s.device, dtype=torch.float64).sort().values
+    index = torch.searchsorted(points, s.to(torch.float64), right=not strict) - 1
+    return points[index.clamp(min=0)]

@@ -5,28 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
-from torch.optim.swa_utils import AveragedModel
 
 from lightning_tmd.losses import flow_matching_loss
-from lightning_tmd.nets.wan import WanNet
-from lightning_tmd.optim import ema_with_warmup, warmup_then_decay
+from lightning_tmd.modules.base import GeneratorModule
+from lightning_tmd.nets.wan import WanNet, wan_timestep
 from lightning_tmd.sampling import euler_sample, teacher_nfe
-from lightning_tmd.schedules import sample_train_times, shifted_grid
+from lightning_tmd.schedules import broadcast_time, sample_train_times, shifted_grid
 
 
-def wan_timestep(t: torch.Tensor) -> torch.Tensor:
-    """Wan's timestep input: 1000 t as float32, shape (B,)."""
-    return (1000.0 * t).float()
-
-
-def broadcast_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """t (B,) -> (B, 1, 1, 1, 1) in x's dtype."""
-    return t.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-
-
-class TeacherModule(L.LightningModule):
+class TeacherModule(GeneratorModule):
     """Flow matching: x_t = (1 - t) x + t noise, target v = noise - x; CFG with the negative prompt.
 
     Args:
@@ -51,18 +39,9 @@ class TeacherModule(L.LightningModule):
         dtype = getattr(torch, model.get("dtype") or "float32")
         self.net = WanNet.build(model.get("path"), model.get("config"), dtype,
                                 bool(model.get("checkpoint_blocks", False)))
-        self.ema = (
-            AveragedModel(self.net, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
-            if ema_decay else None
-        )
-        if self.ema is not None:
-            self.ema.requires_grad_(False)
+        self.init_ema(ema_decay)
 
     # -- predictions ---------------------------------------------------------------------------
-    def sampling_net(self) -> WanNet:
-        """The EMA weights when kept, else the raw weights."""
-        return self.ema.module if self.ema is not None else self.net
-
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                  net: WanNet | None = None) -> torch.Tensor:
         """v(x_t, t, c) with t in [0, 1], shape (B,)."""
@@ -121,12 +100,6 @@ class TeacherModule(L.LightningModule):
         return clips, teacher_nfe(steps, scale)
 
     # -- training ------------------------------------------------------------------------------
-    def drop_condition(self, batch: dict) -> torch.Tensor:
-        """Captions replaced by the negative prompt with probability `cond_dropout`."""
-        context = batch["context"]
-        drop = torch.rand(len(context), device=context.device) < self.hparams.cond_dropout
-        return torch.where(drop[:, None, None], batch["negative_context"], context)
-
     def flow_loss(self, batch: dict, t: torch.Tensor, noise: torch.Tensor,
                   context: torch.Tensor) -> torch.Tensor:
         x = batch["video"]
@@ -138,7 +111,7 @@ class TeacherModule(L.LightningModule):
         hp = self.hparams
         t = sample_train_times(len(x), hp.time_sampling, gamma=hp.time_shift, mean=hp.logit_mean,
                                std=hp.logit_std, device=x.device)
-        loss = self.flow_loss(batch, t, torch.randn_like(x), self.drop_condition(batch))
+        loss = self.flow_loss(batch, t, torch.randn_like(x), self.drop_condition(batch)[0])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -152,21 +125,9 @@ class TeacherModule(L.LightningModule):
             loss = self.flow_loss(batch, t, noise, batch["context"])
             self.log(f"val/loss_t{t_value}", loss, batch_size=len(x))
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimizer step, then the EMA update (before callbacks can checkpoint the step)."""
-        super().optimizer_step(*args, **kwargs)
-        self.update_ema()
 
-    def update_ema(self) -> None:
-        if self.ema is not None:
-            self.ema.update_parameters(self.net)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas),
-                                      weight_decay=hp.weight_decay)
-        trainer = self._trainer  # None outside a Trainer (benchmarks, notebooks)
-        total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else None
-        factor = warmup_then_decay(hp.warmup_steps, hp.lr_schedule, total, hp.min_lr_ratio)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+def teacher_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The `WanNet` weights a teacher checkpoint samples with: its EMA when kept, else the raw net."""
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

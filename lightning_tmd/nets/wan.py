@@ -14,7 +14,7 @@ so that the TMD student (backbone + flow head) and the discriminator (block feat
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,16 @@ class WanTokens:
     timestep_proj: torch.Tensor  # (B, 6, D) block AdaLN modulation
     rotary: Any  # rope (cos, sin) for the token grid
     grid: tuple[int, int, int]  # tokens along (frames, height, width)
+
+    def select(self, index: torch.Tensor) -> WanTokens:
+        """The tokens of the batch rows `index` (rope is shared by the batch)."""
+        return replace(self, hidden=self.hidden[index], context=self.context[index], temb=self.temb[index],
+                       timestep_proj=self.timestep_proj[index])
+
+
+def wan_timestep(t: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep input: 1000 t as float32, shape (B,)."""
+    return (1000.0 * t).float()
 
 
 def resolve_transformer_folder(path: str | Path) -> Path:
@@ -158,11 +168,23 @@ class WanNet(nn.Module):
 
     def embed_time(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Time embedding alone: (temb (B, D), timestep_proj (B, 6, D)), exactly as in `embed`."""
+        temb = self.time_embedding(timestep, dtype)
+        return temb, self.time_modulation(temb)
+
+    def time_features(self, timestep: torch.Tensor) -> torch.Tensor:
+        """Wan's sinusoidal features of a 0-1000 timestep, (B, freq_dim), parameter-free."""
+        return self.transformer.condition_embedder.timesteps_proj(timestep)
+
+    def time_embedding(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """temb (B, D): the time MLP on the sinusoidal features (conditions the output AdaLN)."""
+        embedder = self.transformer.condition_embedder.time_embedder
+        features = self.time_features(timestep).to(next(iter(embedder.parameters())).dtype)
+        return embedder(features).to(dtype)
+
+    def time_modulation(self, temb: torch.Tensor) -> torch.Tensor:
+        """The blocks' global AdaLN modulation (B, 6, D) from temb."""
         ce = self.transformer.condition_embedder
-        t = ce.timesteps_proj(timestep)
-        t = t.to(next(iter(ce.time_embedder.parameters())).dtype)
-        temb = ce.time_embedder(t).to(dtype)
-        return temb, ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
+        return ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
 
     def run_blocks(
         self, tokens: WanTokens, start: int, stop: int, hidden: torch.Tensor | None = None,

@@ -1,0 +1,60 @@
+"""What every trainable generator module shares: an EMA of `self.net` for sampling, AdamW with a
+warm-up schedule, and condition dropout to the negative prompt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from lightning_tmd.optim import ema_with_warmup, warmup_then_decay
+
+
+class GeneratorModule(L.LightningModule):
+    """Base for modules whose trained network is `self.net`.
+
+    Subclasses call `init_ema(decay)` after building `self.net`, and keep `lr`, `betas`,
+    `weight_decay`, `warmup_steps`, `lr_schedule`, `min_lr_ratio` and `cond_dropout` in hparams.
+    """
+
+    net: nn.Module
+    ema: AveragedModel | None
+
+    def init_ema(self, decay: float | None) -> None:
+        """EMA of the weights used for sampling, with a decay warm-up (None: sample with the raw weights)."""
+        self.ema = AveragedModel(self.net, multi_avg_fn=ema_with_warmup(decay), use_buffers=True) if decay else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+
+    def sampling_net(self) -> nn.Module:
+        """The EMA weights when kept, else the raw weights."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def drop_condition(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context with captions replaced by the negative prompt with probability `cond_dropout`,
+        the (B,) mask of replaced rows)."""
+        context = batch["context"]
+        dropped = torch.rand(len(context), device=context.device) < self.hparams.cond_dropout
+        return torch.where(dropped[:, None, None], batch["negative_context"], context), dropped
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update (before callbacks can checkpoint the step)."""
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    def update_ema(self) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas),
+                                      weight_decay=hp.weight_decay)
+        trainer = self._trainer  # None outside a Trainer (benchmarks, notebooks)
+        total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else None
+        factor = warmup_then_decay(hp.warmup_steps, hp.lr_schedule, total, hp.min_lr_ratio)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
