@@ -1,4 +1,5 @@
-"""Samplers and their cost: the teacher's Euler flow sampler and effective NFE."""
+"""Samplers and their cost: the teacher's Euler flow sampler, the TMD sampler (Algorithm 1) and
+effective NFE."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 if TYPE_CHECKING:
     from lightning_tmd.nets.text import PromptEncoder
+    from lightning_tmd.nets.tmd_student import TMDStudent
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t (B,)) -> velocity
 
@@ -30,6 +32,27 @@ def euler_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor) 
 def teacher_nfe(steps: int, guidance_scale: float) -> int:
     """Network evaluations of the teacher sampler: one per step, two with CFG (batched)."""
     return steps * (2 if guidance_scale != 1.0 else 1)
+
+
+def effective_nfe(outer_steps: int, inner_steps: int, head_blocks: int, num_blocks: int) -> float:
+    """Eq. 16: DiT blocks evaluated / L = M (1 + (N - 1) H / L). One outer step is a full pass
+    (L - H backbone blocks + the first H-block head call); each further inner step adds H / L."""
+    return outer_steps * (1 + (inner_steps - 1) * head_blocks / num_blocks)
+
+
+@torch.no_grad()
+def tmd_sample(student: TMDStudent, context: torch.Tensor, noise: torch.Tensor, outer_grid: torch.Tensor,
+               inner_grid: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Algorithm 1: per outer step, the backbone once, fresh inner noise y1, the N-step head rollout,
+    then the deterministic transition x <- x - (t - t') y_hat. No CFG (guidance is distilled in)."""
+    x = noise
+    ones = torch.ones(len(x), dtype=torch.float64, device=x.device)
+    for t, t_next in zip(outer_grid[:-1].tolist(), outer_grid[1:].tolist()):
+        main = student.backbone(x, t * ones, context)
+        y1 = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        y_hat = student.rollout(main, y1, inner_grid)
+        x = student.transition(x, t * ones, t_next * ones, y_hat).to(x.dtype)
+    return x
 
 
 def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:

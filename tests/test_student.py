@@ -1,0 +1,237 @@
+"""TMD student: initialisation reproduces the teacher, rollout identities, d/ds estimators,
+effective NFE, and a stage-1 loss that falls."""
+
+import math
+
+import pytest
+import torch
+from conftest import TINY_WAN
+
+from lightning_tmd.losses import finite_difference_dds, jvp_dds
+from lightning_tmd.modules.student import StudentModule
+from lightning_tmd.nets.tmd_student import TMDStudent
+from lightning_tmd.nets.wan import WanNet, wan_timestep
+from lightning_tmd.sampling import effective_nfe, tmd_sample
+from lightning_tmd.schedules import grid_floor, shifted_grid
+
+SHAPE = (2, 3, 2, 8, 8)  # batch, channels, frames, height, width -> 2 x 4 x 4 = 32 tokens
+
+
+def teacher_net(seed: int = 0) -> WanNet:
+    torch.manual_seed(seed)
+    net = WanNet.from_config(TINY_WAN).eval()
+    with torch.no_grad():  # diffusers zero-initialises nothing we rely on; make the output layer non-trivial
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return net
+
+
+def inputs(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g)
+    context = torch.randn(SHAPE[0], 5, TINY_WAN["text_dim"], generator=g)
+    return x, context, g
+
+
+@pytest.mark.parametrize("t_value", [0.999, 0.6, 0.2])
+@pytest.mark.parametrize("head_blocks", [1, 2])
+def test_student_at_init_reproduces_teacher(t_value, head_blocks):
+    teacher = teacher_net()
+    student = TMDStudent.from_teacher(teacher, head_blocks).eval()
+    x_t, context, g = inputs()
+    t = torch.full((SHAPE[0],), t_value, dtype=torch.float64)
+    with torch.no_grad():
+        expected = teacher(x_t, wan_timestep(t), context)
+        main = student.backbone(x_t, t, context)
+        y_s = torch.randn(SHAPE, generator=g)  # any inner state: the new paths start at zero
+        got = student.head(y_s, t, t, main)
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_concat_fusion_starts_near_teacher():
+    teacher = teacher_net()
+    student = TMDStudent.from_teacher(teacher, 1, fusion="concat").eval()
+    x_t, context, g = inputs()
+    t = torch.full((SHAPE[0],), 0.7, dtype=torch.float64)
+    with torch.no_grad():
+        expected = teacher(x_t, wan_timestep(t), context)
+        got = student.head(torch.randn(SHAPE, generator=g), t, t, student.backbone(x_t, t, context))
+    assert 0 < (got - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+def trained_student(seed: int = 0) -> TMDStudent:
+    """A student whose fusion and (s - r) embedding are no longer zero."""
+    student = TMDStudent.from_teacher(teacher_net(seed), 2).eval()
+    with torch.no_grad():
+        for p in list(student.fusion.parameters()) + list(student.gap_embedding.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    return student
+
+
+def test_one_step_rollout_is_one_head_call():
+    student = trained_student()
+    x_t, context, g = inputs()
+    t = torch.full((SHAPE[0],), 0.9, dtype=torch.float64)
+    y1 = torch.randn(SHAPE, generator=g)
+    with torch.no_grad():
+        main = student.backbone(x_t, t, context)
+        rolled = student.rollout(main, y1, torch.tensor([1.0, 0.0], dtype=torch.float64))
+        ones = torch.ones(SHAPE[0], dtype=torch.float64)
+        head = student.head(y1, ones, 0 * ones, main)
+    assert torch.allclose(rolled, head, atol=1e-6)
+
+
+def test_rollout_is_step_weighted_sum_of_head_predictions():
+    student = trained_student()
+    x_t, context, g = inputs()
+    t = torch.full((SHAPE[0],), 0.9, dtype=torch.float64)
+    y1 = torch.randn(SHAPE, generator=g)
+    grid = shifted_grid(4, 10.0)
+    with torch.no_grad():
+        main = student.backbone(x_t, t, context)
+        rolled = student.rollout(main, y1, grid)
+        # replay: y_hat = (1 - s_N) y1 + sum_j (s_j - s_{j-1}) head_j at the visited states
+        y, total = y1, (1 - grid[0].item()) * y1
+        ones = torch.ones(SHAPE[0], dtype=torch.float64)
+        for s, r in zip(grid[:-1].tolist(), grid[1:].tolist()):
+            head = student.head(y, s * ones, r * ones, main)
+            total = total + (s - r) * head
+            y = y - (s - r) * (y1 - head)
+    assert torch.allclose(rolled, total, atol=1e-5)
+    assert torch.allclose(rolled, y, atol=1e-6)
+
+
+def smooth_in_time(student: TMDStudent, max_frequency: float = 0.012) -> TMDStudent:
+    """Drop the time features faster than `max_frequency` rad per timestep unit from both time MLPs.
+
+    A central difference with delta = 5e-3 (5 units on Wan's 0-1000 scale) cannot resolve sinusoids of
+    ~1 rad per unit, which random weights use as much as slow ones; trained time MLPs are smooth."""
+    half = TINY_WAN["freq_dim"] // 2
+    omega = torch.exp(-math.log(10000.0) * torch.arange(half) / half)
+    keep = (omega <= max_frequency).repeat(2).to(torch.float64)  # features are [cos, sin]
+    embedders = (student.wan.transformer.condition_embedder.time_embedder, student.gap_embedding)
+    with torch.no_grad():
+        for embedder in embedders:
+            embedder.linear_1.weight.mul_(keep)
+    return student
+
+
+def test_finite_difference_matches_jvp_in_float64():
+    student = smooth_in_time(trained_student().double())
+    x_t, context, g = inputs()
+    x_t, context = x_t.double(), context.double()
+    n = SHAPE[0]
+    t = torch.full((n,), 0.8, dtype=torch.float64)
+    y1 = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    y_s = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    tangent = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    s = torch.tensor([0.6, 0.35], dtype=torch.float64)
+    r = torch.tensor([0.2, 0.0], dtype=torch.float64)
+    with torch.no_grad():
+        main = student.backbone(x_t, t, context)
+        both = main.select(torch.tensor([0, 1, 0, 1]))
+        fd = finite_difference_dds(
+            lambda y, s_: student.average_velocity(y, s_, torch.cat([r, r]), both, torch.cat([y1, y1])),
+            y_s, s, r, tangent, delta=5e-3)
+        exact = jvp_dds(lambda y, s_: student.average_velocity(y, s_, r, main, y1), y_s, s, tangent)
+    relative = (fd - exact).norm() / exact.norm()
+    assert exact.norm() > 0
+    assert relative <= 1e-3
+
+
+def test_finite_difference_is_one_sided_near_r_and_the_end():
+    calls = []
+
+    def u_fn(y, s):
+        calls.append(s.clone())
+        return y * 0 + s.view(-1, 1) ** 2  # d/ds = 2 s (the y-move is multiplied by zero)
+
+    y = torch.zeros(3, 4, dtype=torch.float64)
+    s = torch.tensor([0.5, 0.203, 0.998], dtype=torch.float64)
+    r = torch.tensor([0.0, 0.2, 0.0], dtype=torch.float64)
+    dds = finite_difference_dds(u_fn, y, s, r, torch.ones_like(y), delta=5e-3, s_max=0.999)
+    hi, lo = calls[0].chunk(2)
+    assert torch.allclose(hi, torch.tensor([0.505, 0.208, 0.998], dtype=torch.float64))  # backward at the end
+    assert torch.allclose(lo, torch.tensor([0.495, 0.203, 0.993], dtype=torch.float64))  # forward above r
+    assert torch.allclose(dds[:, 0], 2 * s, atol=6e-3)
+
+
+@pytest.mark.parametrize(("m", "n", "h", "blocks", "expected"), [
+    (1, 2, 5, 30, 7 / 6), (2, 2, 5, 30, 7 / 3), (1, 4, 5, 40, 1.375), (2, 4, 5, 40, 2.75), (3, 1, 5, 30, 3.0),
+])
+def test_effective_nfe(m, n, h, blocks, expected):
+    assert effective_nfe(m, n, h, blocks) == pytest.approx(expected, abs=1e-12)
+
+
+def test_grid_floor_picks_the_inner_point_at_or_below_s():
+    grid = shifted_grid(2, 10.0)  # [0.999, 0.90893, 0]
+    mid = grid[1].item()
+    s = torch.tensor([0.95, mid, 0.5, 0.9995], dtype=torch.float64)
+    assert torch.equal(grid_floor(grid, s), torch.tensor([mid, mid, 0.0, 0.999], dtype=torch.float64))
+    assert grid_floor(grid, grid[1:2], strict=True).item() == 0.0
+
+
+def test_tmd_sampler_is_deterministic_in_its_noise():
+    student = trained_student()
+    _, context, _ = inputs()
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    outer, inner = shifted_grid(2, 10.0), shifted_grid(2, 10.0)
+    a = tmd_sample(student, context, noise, outer, inner, torch.Generator().manual_seed(0))
+    b = tmd_sample(student, context, noise, outer, inner, torch.Generator().manual_seed(0))
+    c = tmd_sample(student, context, noise, outer, inner, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert a.shape == noise.shape and torch.isfinite(a).all()
+
+
+def tiny_student_module(**kwargs) -> StudentModule:
+    torch.manual_seed(0)
+    config = {**TINY_WAN, "patch_size": list(TINY_WAN["patch_size"])}
+    return StudentModule(model={"config": config}, head_blocks=1, **kwargs)
+
+
+def tiny_batch(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n = 4
+    return {
+        "video": torch.rand((n, 3, 2, 8, 8), generator=g) * 2 - 1,
+        "context": torch.randn(n, 5, TINY_WAN["text_dim"], generator=g),
+        "negative_context": torch.zeros(n, 5, TINY_WAN["text_dim"]),
+    }
+
+
+@pytest.mark.parametrize("derivative", ["finite_difference", "jvp"])
+def test_stage1_loss_falls_on_an_overfit_batch(derivative):
+    # a stationary target: no CFG (it follows the student's own unconditional prediction)
+    module = tiny_student_module(derivative=derivative, guidance_scale=1.0, lr=2e-3, warmup_steps=1)
+    smooth_in_time(module.net)  # a random time MLP makes d/ds u (and so the MeanFlow target) huge
+    optimizer = module.configure_optimizers()["optimizer"]
+    batch = tiny_batch()
+    losses = []
+    for step in range(60):
+        torch.manual_seed(step % 4)  # the same four draws of (t, s, r, noise) over and over
+        loss = module.stage1_loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.85 * first, (first, last)
+
+
+def test_student_sample_reports_effective_nfe():
+    module = tiny_student_module(outer_steps=2, inner_steps=3).eval()
+    clips, nfe = module.sample(torch.randn(2, 5, 16), shape=(3, 2, 8, 8))
+    assert clips.shape == (2, 3, 2, 8, 8)
+    assert nfe == pytest.approx(2 * (1 + 2 * 1 / 3))
+    _, nfe = module.sample(torch.randn(2, 5, 16), shape=(3, 2, 8, 8), outer_steps=1, inner_steps=1)
+    assert nfe == 1.0
+
+
+def test_student_rejects_bad_settings():
+    with pytest.raises(ValueError, match="head_blocks"):
+        tiny_student_module(head_blocks=3) if False else StudentModule(
+            model={"config": {**TINY_WAN, "patch_size": [1, 2, 2]}}, head_blocks=3)
+    with pytest.raises(ValueError, match="derivative"):
+        tiny_student_module(derivative="autograd")
+    with pytest.raises(ValueError, match="fusion"):
+        tiny_student_module(fusion="add")
