@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_tmd.nets.wan import transformer_config
 
@@ -38,6 +39,37 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint file at '{cfg.ckpt_path}'")
+    if cfg.stage.get("name") == "tm":
+        check_student(cfg, model)
+
+
+def check_student(cfg: DictConfig, model: dict) -> None:
+    """Stage 1 needs a teacher (a checkpoint or model.path), a head shorter than the teacher, and a
+    teacher checkpoint trained with the same model and text encoder as this run."""
+    module = cfg.stage.module
+    blocks = model["num_layers"]
+    if not 1 <= module.head_blocks < blocks:
+        raise ValueError(f"stage.module.head_blocks={module.head_blocks} must be in 1..{blocks - 1} "
+                         f"(the teacher has {blocks} blocks)")
+    teacher = module.get("teacher_ckpt")
+    if not teacher:
+        if not cfg.model.get("path"):
+            raise ValueError("stage.module.teacher_ckpt is null and model.path is unset: the student needs a "
+                             "teacher. Train one (stage=teacher) and set stage.module.teacher_ckpt=<its last.ckpt>, "
+                             "or point model.path at a Wan diffusers folder")
+        return
+    if not Path(teacher).is_file():
+        raise FileNotFoundError(f"stage.module.teacher_ckpt: no checkpoint file at '{teacher}'. Train the teacher "
+                                "first: python -m lightning_tmd.train stage=teacher experiment=shapes_teacher")
+    trained = torch.load(teacher, map_location="cpu", weights_only=False).get("run_config")
+    if trained is None:
+        return
+    ours = OmegaConf.to_container(cfg, resolve=True)
+    for group, field in (("model", "config"), ("text", "encoder"), ("text", "negative_prompt")):
+        theirs, mine = trained[group].get(field), ours[group].get(field)
+        if theirs != mine:
+            raise ValueError(f"{group}.{field}: {mine} differs from the teacher's ({theirs}) in "
+                             f"stage.module.teacher_ckpt; the student must use the teacher's {group}")
 
 
 def check_text_width(text_dim: int, cfg: DictConfig) -> None:

@@ -1,0 +1,214 @@
+"""StudentModule: the TMD student (backbone + recurrent flow head), stage 1 = transition-matching
+MeanFlow (TM-MF, METHOD §3), or plain transition matching; `sample()` is Algorithm 1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_tmd.losses import adaptive_l2_loss, finite_difference_dds, jvp_dds
+from lightning_tmd.modules.base import GeneratorModule
+from lightning_tmd.modules.teacher import teacher_state_dict
+from lightning_tmd.nets.tmd_student import CLEAN_ESTIMATES, MainFeature, TMDStudent
+from lightning_tmd.nets.wan import WanNet
+from lightning_tmd.sampling import effective_nfe, tmd_sample
+from lightning_tmd.schedules import broadcast_time, grid_floor, sample_shifted_uniform, shifted_grid
+
+OBJECTIVES = ("tm_meanflow", "tm")
+DERIVATIVES = ("finite_difference", "jvp")
+
+
+class StudentModule(GeneratorModule):
+    """Stage 1 of TMD: adapt the teacher-initialised student into a conditional flow map.
+
+    Args:
+        model: the teacher's architecture {"path", "config", "dtype", "checkpoint_blocks"} (as TeacherModule);
+            with `model.path` the Wan weights there are the teacher.
+        teacher_ckpt: a TeacherModule checkpoint whose (EMA) weights initialise the student at the
+            start of fit (None: use the weights `model` loads).
+        head_blocks, inner_steps, outer_steps: H, N, M. outer_shift / inner_shift: gamma of the grids.
+        fusion: "gated" | "concat". inner_target: "velocity" (y = x1 - x) | "sample" (y = x).
+        clean_estimate: "transition" (x_t - t y_hat) | "literal" (x1 - y_hat), used by stage 2.
+        objective: "tm_meanflow" or "tm" (r = s for the whole batch).
+        r_equals_s: fraction of the batch trained with r = s (plain TM) under "tm_meanflow".
+        s_shift: gamma of s = shift(U(0.001, 0.999)). guidance_scale: CFG of the target velocity.
+        derivative: "finite_difference" (delta = fd_delta, fp64 arithmetic) or "jvp" (torch.func.jvp).
+        norm_constant: c of the adaptive loss as a multiple of d = dim(y_s) (1: c = d).
+        lr, betas, weight_decay, warmup_steps, lr_schedule, min_lr_ratio, ema_decay: as TeacherModule.
+    """
+
+    def __init__(self, model: dict[str, Any], teacher_ckpt: str | None = None, head_blocks: int = 2,
+                 inner_steps: int = 2, outer_steps: int = 2, outer_shift: float = 10.0,
+                 inner_shift: float = 10.0, fusion: str = "gated", inner_target: str = "velocity",
+                 clean_estimate: str = "transition", objective: str = "tm_meanflow",
+                 r_equals_s: float = 0.75, s_shift: float = 3.0, guidance_scale: float = 3.0,
+                 cond_dropout: float = 0.1, derivative: str = "finite_difference", fd_delta: float = 5e-3,
+                 norm_constant: float = 1.0, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.01, warmup_steps: int = 100, lr_schedule: str = "constant",
+                 min_lr_ratio: float = 0.1, ema_decay: float | None = None, t_max: float = 0.999) -> None:
+        super().__init__()
+        for name, value, allowed in (("objective", objective, OBJECTIVES), ("derivative", derivative, DERIVATIVES),
+                                     ("clean_estimate", clean_estimate, CLEAN_ESTIMATES)):
+            if value not in allowed:
+                raise ValueError(f"{name} '{value}' is unknown: use one of {allowed}")
+        if min(inner_steps, outer_steps) < 1:
+            raise ValueError(f"inner_steps={inner_steps} and outer_steps={outer_steps} must be >= 1")
+        self.save_hyperparameters()
+        dtype = getattr(torch, model.get("dtype") or "float32")
+        wan = WanNet.build(model.get("path"), model.get("config"), dtype, bool(model.get("checkpoint_blocks", False)))
+        self.net = TMDStudent(wan, head_blocks, fusion, inner_target)
+        self.init_ema(ema_decay)
+
+    # -- grids and cost ----------------------------------------------------------------------
+    def outer_grid(self, steps: int | None = None, shift: float | None = None) -> torch.Tensor:
+        hp = self.hparams
+        return shifted_grid(steps or hp.outer_steps, hp.outer_shift if shift is None else shift, hp.t_max)
+
+    def inner_grid(self, steps: int | None = None, shift: float | None = None) -> torch.Tensor:
+        hp = self.hparams
+        return shifted_grid(steps or hp.inner_steps, hp.inner_shift if shift is None else shift, hp.t_max)
+
+    def effective_nfe(self, outer_steps: int | None = None, inner_steps: int | None = None) -> float:
+        hp = self.hparams
+        return effective_nfe(outer_steps or hp.outer_steps, inner_steps or hp.inner_steps, hp.head_blocks,
+                             self.net.num_blocks)
+
+    # -- fit ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Start fitting from the teacher's weights (a resumed run's checkpoint then overrides them)."""
+        if stage == "fit" and self.hparams.teacher_ckpt:
+            self.net.wan.load_state_dict(teacher_state_dict(self.hparams.teacher_ckpt))
+            if self.ema is not None:
+                self.ema.module.load_state_dict(self.net.state_dict())
+
+    # -- sampling ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, context: torch.Tensor, negative_context: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
+               outer_steps: int | None = None, inner_steps: int | None = None,
+               outer_shift: float | None = None, inner_shift: float | None = None,
+               generator: torch.Generator | None = None, seed: int = 0) -> tuple[torch.Tensor, float]:
+        """Algorithm 1 at (M, N) = (outer_steps, inner_steps); returns (clips, effective NFE).
+
+        No CFG (`negative_context` is accepted for a uniform sampler interface and ignored). Inner
+        noise comes from `generator`, else from a generator seeded with `seed`.
+        """
+        if noise is None:
+            noise = torch.randn((len(context), *shape), generator=generator, device=self.device)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        net = self.sampling_net()
+        was_training = net.training
+        net.eval()
+        clips = tmd_sample(net, context.to(self.device), noise.to(self.device),
+                           self.outer_grid(outer_steps, outer_shift), self.inner_grid(inner_steps, inner_shift),
+                           generator)
+        net.train(was_training)
+        return clips, self.effective_nfe(outer_steps, inner_steps)
+
+    # -- stage 1 -----------------------------------------------------------------------------
+    def sample_outer_times(self, n: int, device: torch.device) -> torch.Tensor:
+        """t_i uniform over the outer grid's points t_1..t_M (float64)."""
+        points = self.outer_grid()[:-1].to(device)
+        return points[torch.randint(len(points), (n,), device=device)]
+
+    def sample_inner_times(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """s = shift_3(U(0.001, 0.999)); r = the inner-grid point at or below s; r = s on a fraction
+        `r_equals_s` of the batch (all of it for plain TM). Both float64."""
+        hp = self.hparams
+        s = sample_shifted_uniform(n, hp.s_shift, device=device)
+        if hp.objective == "tm":
+            return s, s.clone()
+        r = grid_floor(self.inner_grid(), s)
+        same = torch.rand(n, device=device) < hp.r_equals_s
+        return s, torch.where(same, s, r)
+
+    def inner_target(self, x: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        """y = x1 - x (DTM) or y = x."""
+        return x1 - x if self.net.inner_target == "velocity" else x
+
+    @torch.no_grad()
+    def guided_velocity(self, v: torch.Tensor, y_s: torch.Tensor, s: torch.Tensor, y1: torch.Tensor,
+                        x_t: torch.Tensor, t: torch.Tensor, negative_context: torch.Tensor,
+                        dropped: torch.Tensor) -> torch.Tensor:
+        """v_g = u_unc + w (v - u_unc), u_unc = u_theta(y_s, s, s; m(x_t, t, negative prompt)), on the
+        rows that kept their caption; dropped rows keep v (METHOD Q8)."""
+        keep = (~dropped).nonzero().squeeze(1)
+        if self.hparams.guidance_scale == 1.0 or len(keep) == 0:
+            return v
+        main = self.net.backbone(x_t[keep], t[keep], negative_context[keep])
+        u_unc = self.net.average_velocity(y_s[keep], s[keep], s[keep], main, y1[keep])
+        guided = v.clone()
+        guided[keep] = u_unc + self.hparams.guidance_scale * (v[keep] - u_unc)
+        return guided
+
+    def dds(self, main: MainFeature, y1: torch.Tensor, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor,
+            tangent: torch.Tensor) -> torch.Tensor:
+        """d/ds u_theta(y_s, s, r; m) along dy/ds = tangent, with m and y1 held fixed, without grad."""
+        hp = self.hparams
+        main = main.detach()
+        if hp.derivative == "jvp":
+            def u_fn(y, s_):
+                return self.net.average_velocity(y, s_, r, main, y1)
+
+            with torch.no_grad():
+                return jvp_dds(u_fn, y_s, s, tangent).double()
+        both = main.select(torch.cat([torch.arange(len(s), device=s.device)] * 2))
+
+        def u_fn(y, s_):
+            return self.net.average_velocity(y, s_, torch.cat([r, r]), both, torch.cat([y1, y1]))
+
+        with torch.no_grad():
+            return finite_difference_dds(u_fn, y_s, s, r, tangent, hp.fd_delta, 0.0, hp.t_max)
+
+    def stage1_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """TM-MF (METHOD §3.3): the whole student trains; returns the loss and diagnostics."""
+        hp = self.hparams
+        x = batch["video"]
+        n, device = len(x), x.device
+        context, dropped = self.drop_condition(batch)
+        t = self.sample_outer_times(n, device)
+        x1 = torch.randn_like(x)
+        x_t = (1 - broadcast_time(t, x)) * x + broadcast_time(t, x) * x1
+        main = self.net.backbone(x_t, t, context)  # gradient flows into the backbone
+        y, y1 = self.inner_target(x, x1), torch.randn_like(x)
+        s, r = self.sample_inner_times(n, device)
+        y_s = (1 - broadcast_time(s, y)) * y + broadcast_time(s, y) * y1
+        v = self.guided_velocity(y1 - y, y_s, s, y1, x_t, t, batch["negative_context"], dropped)
+        target = v.clone()
+        jump = (s > r).nonzero().squeeze(1)
+        if len(jump):  # u_tgt = v - (s - r) du/ds on the rows with r < s
+            dds = self.dds(main.select(jump), y1[jump], y_s[jump], s[jump], r[jump], v[jump])
+            gap = (s[jump] - r[jump]).view(-1, *([1] * (x.ndim - 1)))
+            target[jump] = (v[jump].double() - gap * dds).to(v.dtype)
+        u = self.net.average_velocity(y_s, s, r, main, y1)
+        d = y_s[0].numel()
+        loss = adaptive_l2_loss(u, target.detach(), hp.norm_constant * d)
+        return {"loss": loss, "mse": (u.detach() - target).pow(2).mean(), "jump_fraction": torch.tensor(len(jump) / n)}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.stage1_loss(batch)
+        self.log("train/loss", out["loss"], prog_bar=True)
+        self.log("train/mse", out["mse"])
+        self.log("train/jump_fraction", out["jump_fraction"])
+        if hasattr(self.net.fusion, "gate"):
+            self.log("train/fusion_gate", self.net.fusion.gate)
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Plain-TM error ||head(y_s, s, s) - y||^2 at each outer time and s in {0.3, 0.7}, fixed noise."""
+        x = batch["video"]
+        g = torch.Generator(device=x.device).manual_seed(batch_idx)
+        x1 = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        y1 = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        y = self.inner_target(x, x1)
+        for t_value in self.outer_grid()[:-1].tolist():
+            t = torch.full((len(x),), t_value, dtype=torch.float64, device=x.device)
+            x_t = (1 - broadcast_time(t, x)) * x + broadcast_time(t, x) * x1
+            main = self.net.backbone(x_t, t, batch["context"])
+            for s_value in (0.3, 0.7):
+                s = torch.full_like(t, s_value)
+                y_s = (1 - s_value) * y + s_value * y1
+                error = (self.net.head(y_s, s, s, main) - y).pow(2).mean()
+                self.log(f"val/head_mse_t{t_value:.3f}_s{s_value}", error, batch_size=len(x))

@@ -1,0 +1,65 @@
+"""Stage 1 through the Hydra train app: trains from a teacher checkpoint, resumes, fails fast."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_train
+
+from lightning_tmd.generators import load_generator
+from lightning_tmd.modules.student import StudentModule
+from lightning_tmd.modules.teacher import teacher_state_dict
+from lightning_tmd.train import train
+
+
+def stage1_cfg(out: Path, teacher: Path, *overrides: str):
+    return compose_train(["experiment=shapes_smoke_tm", f"stage.module.teacher_ckpt={teacher}", *overrides], out)
+
+
+def test_stage1_trains_from_the_teacher_samples_and_resumes(smoke_checkpoint, tmp_path):
+    cfg = stage1_cfg(tmp_path, smoke_checkpoint, "trainer.max_steps=5")
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    out = Path(cfg.output_dir)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    assert sorted(p.name for p in (out / "tensorboard" / "samples").glob("*.gif")) == ["step_0000005.gif"]
+
+    loaded = load_generator(ckpt)
+    assert isinstance(loaded.module, StudentModule)
+    clips, nfe = loaded.module.sample(loaded.prompts(["a red circle moving up"]).states,
+                                      shape=loaded.clip_shape, outer_steps=1, inner_steps=2)
+    assert clips.shape == (1, *loaded.clip_shape) and nfe == 1.5  # 1 * (1 + 1 * 1 / 2)
+
+    resumed = stage1_cfg(tmp_path / "resumed", smoke_checkpoint, "trainer.max_steps=10", f"ckpt_path={ckpt}")
+    train(resumed)
+    final = torch.load(Path(resumed.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["global_step"] == 10
+    assert final["optimizer_states"][0]["state"][0]["step"] == 10
+
+
+def test_stage1_starts_from_the_teachers_ema_weights(smoke_checkpoint):
+    teacher = teacher_state_dict(str(smoke_checkpoint))
+    raw = torch.load(smoke_checkpoint, weights_only=False)["state_dict"]
+    key = next(iter(teacher))
+    assert torch.equal(teacher[key], raw[f"ema.module.{key}"])
+    cfg = torch.load(smoke_checkpoint, weights_only=False)["run_config"]
+    module = StudentModule(model=cfg["model"], teacher_ckpt=str(smoke_checkpoint), head_blocks=1)
+    module.setup("fit")
+    for name, value in teacher.items():
+        assert torch.equal(module.net.wan.state_dict()[name], value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        (["stage.module.teacher_ckpt=/no/such.ckpt"], FileNotFoundError, "teacher_ckpt"),
+        (["stage.module.teacher_ckpt=null"], ValueError, "teacher_ckpt is null"),
+        (["stage.module.head_blocks=2"], ValueError, "head_blocks=2"),
+        (["model.config.ffn_dim=64"], ValueError, "model.config"),
+        (["text.negative_prompt=blurry"], ValueError, "text.negative_prompt"),
+    ],
+)
+def test_bad_stage1_config_fails_before_training(smoke_checkpoint, tmp_path, overrides, error, message):
+    cfg = stage1_cfg(tmp_path, smoke_checkpoint, *overrides)
+    with pytest.raises(error, match=message):
+        train(cfg)
