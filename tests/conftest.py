@@ -52,6 +52,18 @@ def smoke_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smoke_student_checkpoint(tmp_path_factory, smoke_checkpoint) -> Path:
+    """A 5-step stage-1 student of the smoke teacher, trained once per test session."""
+    from lightning_tmd.train import train
+
+    out = tmp_path_factory.mktemp("smoke_tm_run")
+    train(compose_train(["experiment=shapes_smoke_tm", f"stage.module.teacher_ckpt={smoke_checkpoint}",
+                         "trainer.max_steps=5"], out))
+    GlobalHydra.instance().clear()
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
 def tiny_judge(tmp_path_factory):
     """A judge for the smoke clips (4 frames of 16 x 16), trained once per test session."""
     from lightning_tmd.metrics.judge import train_judge

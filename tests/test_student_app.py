@@ -5,10 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_train
+from test_apps import compose_app
 
+from lightning_tmd.evaluate import evaluate
 from lightning_tmd.generators import load_generator
 from lightning_tmd.modules.student import StudentModule
 from lightning_tmd.modules.teacher import teacher_state_dict
+from lightning_tmd.sample import sample
 from lightning_tmd.train import train
 
 
@@ -16,14 +19,9 @@ def stage1_cfg(out: Path, teacher: Path, *overrides: str):
     return compose_train(["experiment=shapes_smoke_tm", f"stage.module.teacher_ckpt={teacher}", *overrides], out)
 
 
-def test_stage1_trains_from_the_teacher_samples_and_resumes(smoke_checkpoint, tmp_path):
-    cfg = stage1_cfg(tmp_path, smoke_checkpoint, "trainer.max_steps=5")
-    metrics = train(cfg)
-    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
-    out = Path(cfg.output_dir)
-    ckpt = out / "checkpoints" / "last.ckpt"
-    assert sorted(p.name for p in (out / "tensorboard" / "samples").glob("*.gif")) == ["step_0000005.gif"]
-
+def test_stage1_trains_from_the_teacher_samples_and_resumes(smoke_checkpoint, smoke_student_checkpoint, tmp_path):
+    ckpt = smoke_student_checkpoint
+    assert [p.name for p in (ckpt.parent.parent / "tensorboard" / "samples").glob("*.gif")] == ["step_0000005.gif"]
     loaded = load_generator(ckpt)
     assert isinstance(loaded.module, StudentModule)
     clips, nfe = loaded.module.sample(loaded.prompts(["a red circle moving up"]).states,
@@ -31,10 +29,26 @@ def test_stage1_trains_from_the_teacher_samples_and_resumes(smoke_checkpoint, tm
     assert clips.shape == (1, *loaded.clip_shape) and nfe == 1.5  # 1 * (1 + 1 * 1 / 2)
 
     resumed = stage1_cfg(tmp_path / "resumed", smoke_checkpoint, "trainer.max_steps=10", f"ckpt_path={ckpt}")
-    train(resumed)
+    metrics = train(resumed)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     final = torch.load(Path(resumed.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
     assert final["global_step"] == 10
     assert final["optimizer_states"][0]["state"][0]["step"] == 10
+
+
+def test_sample_and_evaluate_apps_take_a_student_and_its_m_n(smoke_student_checkpoint, tiny_judge, tmp_path):
+    out = tmp_path / "samples"
+    saved = sample(compose_app("sample", [f"ckpt={smoke_student_checkpoint}", f"out_dir={out}", "seeds=[0,1]",
+                                          "prompts=[a red circle moving up]", "+sampler.outer_steps=2",
+                                          "+sampler.inner_steps=2"]))
+    assert saved["videos"].shape == (2, 4, 16, 16, 3) and saved["nfe"] == 3.0  # 2 * (1 + 1 * 1 / 2)
+    overrides = [f"out_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", f"judge.path={tiny_judge[0]}",
+                 "num_samples=8", "batch_size=8", "latency.repeats=1", "latency.batch_size=2", "references=false",
+                 "~models.teacher", f"+models.student={{ckpt: '{smoke_student_checkpoint}', settings: "
+                 "{M1 N1: {outer_steps: 1, inner_steps: 1}, M2 N3: {outer_steps: 2, inner_steps: 3}}}"]
+    rows = evaluate(compose_app("evaluate", overrides))
+    assert [(r["setting"], r["nfe"]) for r in rows] == [("M1 N1", 1.0), ("M2 N3", 4.0)]
+    assert all(0 <= r["adherence"] <= 1 and r["fvd"] >= 0 for r in rows)
 
 
 def test_stage1_starts_from_the_teachers_ema_weights(smoke_checkpoint):

@@ -88,15 +88,17 @@ class StudentModule(GeneratorModule):
                noise: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
                outer_steps: int | None = None, inner_steps: int | None = None,
                outer_shift: float | None = None, inner_shift: float | None = None,
-               generator: torch.Generator | None = None, seed: int = 0) -> tuple[torch.Tensor, float]:
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
         """Algorithm 1 at (M, N) = (outer_steps, inner_steps); returns (clips, effective NFE).
 
-        No CFG (`negative_context` is accepted for a uniform sampler interface and ignored). Inner
-        noise comes from `generator`, else from a generator seeded with `seed`.
+        No CFG (`negative_context` is accepted for a uniform sampler interface and ignored). The
+        inner noise comes from `generator`; without one it is seeded by the outer noise, so a given
+        `noise` always gives the same clips.
         """
         if noise is None:
             noise = torch.randn((len(context), *shape), generator=generator, device=self.device)
         if generator is None:
+            seed = int(noise.detach().double().abs().sum().item() * 1e3) % 2**62
             generator = torch.Generator(device=self.device).manual_seed(seed)
         net = self.sampling_net()
         was_training = net.training

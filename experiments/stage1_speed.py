@@ -1,0 +1,102 @@
+"""Seconds per TMD stage-1 step (finite-difference vs JVP d/ds, and plain TM) and student sampling
+latency on this machine.
+
+    python experiments/stage1_speed.py --steps 10 --out experiments/results/stage1_speed.md
+
+Each variant runs in a fresh subprocess (its own peak RSS) on the `shapes_tmd_stage1` experiment
+(batch 8, 512 tokens, H = 2 of 6 blocks): the median of `--steps` timed steps (stage-1 loss with CFG
+target, backward, AdamW, after 2 warm-up steps) on real shapes batches with cached text, then the
+time to sample 8 clips at each (M, N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+VARIANTS = {  # name -> stage.module overrides
+    "TM-MF, finite difference": ["stage.module.derivative=finite_difference"],
+    "TM-MF, JVP": ["stage.module.derivative=jvp"],
+    "TM (r = s)": ["stage.module.objective=tm"],
+}
+SAMPLERS = [(1, 2), (2, 2), (2, 4)]
+
+
+def measure(variant: str, steps: int) -> dict:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    overrides = ["experiment=shapes_tmd_stage1", "output_dir=/tmp", "stage.module.teacher_ckpt=null",
+                 *VARIANTS[variant]]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    torch.manual_seed(0)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.stage.module, _convert_="all")  # random weights: the cost is the same
+    optimizer = module.configure_optimizers()["optimizer"]
+    batches = iter(datamodule.train_dataloader())
+    times = []
+    for i in range(steps + 2):
+        batch = datamodule.on_before_batch_transfer(next(batches), 0)
+        start = time.perf_counter()
+        loss = module.stage1_loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        module.update_ema()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    sampling = {}
+    context = datamodule.prompts(["a red circle moving up"] * 8).states
+    for m, n in SAMPLERS:
+        start = time.perf_counter()
+        _, nfe = module.sample(context, shape=datamodule.clip_shape, outer_steps=m, inner_steps=n)
+        sampling[f"M{m}N{n}"] = (time.perf_counter() - start, nfe)
+    return {"variant": variant, "step_s": statistics.median(times), "sampling": sampling,
+            "peak_rss_GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+            "threads": torch.get_num_threads()}
+
+
+def table(rows: list[dict]) -> str:
+    head = "| stage-1 variant | s / step | peak RSS (GB) | threads |"
+    lines = [head, "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['step_s']:.3f} | {r['peak_rss_GB']:.2f} | {r['threads']} |" for r in rows]
+    sampling = rows[0]["sampling"]
+    lines += ["", "| sampler (M, N) | effective NFE | s / 8 clips |", "|---|---|---|"]
+    lines += [f"| {name} | {nfe:.3f} | {seconds:.3f} |" for name, (seconds, nfe) in sampling.items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", default="experiments/results/stage1_speed.md")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.steps)))
+        return
+    rows = []
+    for variant in VARIANTS:
+        result = subprocess.run([sys.executable, __file__, "--one", variant, "--steps", str(args.steps)],
+                                check=True, capture_output=True, text=True)
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    command = f"python experiments/stage1_speed.py --steps {args.steps}"
+    text = (f"# Stage-1 speed on this machine\n\nCommand: `{command}` (shapes_tmd_stage1: batch 8, 512 tokens, "
+            f"H = 2 of 6 blocks)\n\n{table(rows)}\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
