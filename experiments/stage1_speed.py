@@ -6,7 +6,8 @@ latency on this machine.
 Each variant runs in a fresh subprocess (its own peak RSS) on the `shapes_tmd_stage1` experiment
 (batch 8, 512 tokens, H = 2 of 6 blocks): the median of `--steps` timed steps (stage-1 loss with CFG
 target, backward, AdamW, after 2 warm-up steps) on real shapes batches with cached text, then the
-time to sample 8 clips at each (M, N).
+time to sample 8 clips at each (M, N). With the teacher checkpoint of the experiment present, the
+student starts from it, and the finite-difference d/ds is compared with the JVP on one batch.
 """
 
 from __future__ import annotations
@@ -35,13 +36,16 @@ def measure(variant: str, steps: int) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    overrides = ["experiment=shapes_tmd_stage1", "output_dir=/tmp", "stage.module.teacher_ckpt=null",
-                 *VARIANTS[variant]]
+    overrides = ["experiment=shapes_tmd_stage1", "output_dir=/tmp", *VARIANTS[variant]]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     torch.manual_seed(0)
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.stage.module, _convert_="all")  # random weights: the cost is the same
+    module = instantiate(cfg.stage.module, _convert_="all")
+    from_teacher = Path(cfg.stage.module.teacher_ckpt or "").is_file()
+    if from_teacher:
+        module.setup("fit")  # the teacher's weights (the cost is the same with random ones)
+    agreement = fd_vs_jvp(module, datamodule.on_before_batch_transfer(next(iter(datamodule.train_dataloader())), 0))
     optimizer = module.configure_optimizers()["optimizer"]
     batches = iter(datamodule.train_dataloader())
     times = []
@@ -62,14 +66,40 @@ def measure(variant: str, steps: int) -> dict:
         _, nfe = module.sample(context, shape=datamodule.clip_shape, outer_steps=m, inner_steps=n)
         sampling[f"M{m}N{n}"] = (time.perf_counter() - start, nfe)
     return {"variant": variant, "step_s": statistics.median(times), "sampling": sampling,
+            "fd_vs_jvp": agreement, "from_teacher": from_teacher,
             "peak_rss_GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
             "threads": torch.get_num_threads()}
+
+
+def fd_vs_jvp(module, batch: dict) -> float:
+    """||FD - JVP|| / ||JVP|| of d/ds u_theta on one batch at s ~ U(0.1, 0.9), r = the inner grid point below."""
+    from lightning_tmd.schedules import broadcast_time, grid_floor
+
+    x = batch["video"]
+    g = torch.Generator().manual_seed(0)
+    s = 0.1 + 0.8 * torch.rand(len(x), generator=g, dtype=torch.float64)
+    r = grid_floor(module.inner_grid(), s)
+    t = module.outer_grid()[:1].expand(len(x))
+    x1, y1 = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+    y = x1 - x
+    y_s = (1 - broadcast_time(s, y)) * y + broadcast_time(s, y) * y1
+    with torch.no_grad():
+        main = module.net.backbone((1 - broadcast_time(t, x)) * x + broadcast_time(t, x) * x1, t, batch["context"])
+    results = {}
+    for derivative in ("finite_difference", "jvp"):
+        module.hparams.derivative = derivative
+        results[derivative] = module.dds(main, y1, y_s, s, r, y1 - y)
+    module.hparams.derivative = "finite_difference"
+    return ((results["finite_difference"] - results["jvp"]).norm() / results["jvp"].norm()).item()
 
 
 def table(rows: list[dict]) -> str:
     head = "| stage-1 variant | s / step | peak RSS (GB) | threads |"
     lines = [head, "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['step_s']:.3f} | {r['peak_rss_GB']:.2f} | {r['threads']} |" for r in rows]
+    start = "the teacher-initialised" if rows[0]["from_teacher"] else "a randomly initialised"
+    lines += ["", f"Finite difference (delta = 5e-3) vs JVP on {start} student, one batch: relative "
+              f"difference ||FD - JVP|| / ||JVP|| = {rows[0]['fd_vs_jvp']:.4f}."]
     sampling = rows[0]["sampling"]
     lines += ["", "| sampler (M, N) | effective NFE | s / 8 clips |", "|---|---|---|"]
     lines += [f"| {name} | {nfe:.3f} | {seconds:.3f} |" for name, (seconds, nfe) in sampling.items()]

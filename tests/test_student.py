@@ -235,3 +235,16 @@ def test_student_rejects_bad_settings():
         tiny_student_module(derivative="autograd")
     with pytest.raises(ValueError, match="fusion"):
         tiny_student_module(fusion="add")
+
+
+def test_student_initialises_from_a_wan_diffusers_folder(tmp_path):
+    teacher = teacher_net()
+    teacher.save_pretrained(tmp_path / "transformer")
+    module = StudentModule(model={"path": str(tmp_path)}, head_blocks=1)
+    module.setup("fit")  # no teacher_ckpt: the folder's weights are the teacher
+    x_t, context, g = inputs()
+    t = torch.full((SHAPE[0],), 0.5, dtype=torch.float64)
+    with torch.no_grad():
+        expected = teacher(x_t, wan_timestep(t), context)
+        got = module.net.head(torch.randn(SHAPE, generator=g), t, t, module.net.backbone(x_t, t, context))
+    assert (got - expected).abs().max() <= 1e-5
