@@ -16,12 +16,11 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from benchmarking import measure_each, write_report
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = {  # name -> stage.module overrides
@@ -121,17 +120,10 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, args.steps)))
         return
-    rows = []
-    for variant in VARIANTS:
-        result = subprocess.run([sys.executable, __file__, "--one", variant, "--steps", str(args.steps)],
-                                check=True, capture_output=True, text=True)
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    rows = measure_each(__file__, list(VARIANTS), args.steps)
     command = f"python experiments/stage1_speed.py --steps {args.steps}"
-    text = (f"# Stage-1 speed on this machine\n\nCommand: `{command}` (shapes_tmd_stage1: batch 8, 512 tokens, "
-            f"H = 2 of 6 blocks)\n\n{table(rows)}\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    note = "shapes_tmd_stage1: batch 8, 512 tokens, H = 2 of 6 blocks\n\n"
+    print(write_report(args.out, "Stage-1 speed on this machine", command, note + table(rows)))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from benchmarking import measure_each, write_report
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -104,16 +103,9 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, args.steps)))
         return
-    rows = []
-    for experiment in args.experiments:
-        result = subprocess.run([sys.executable, __file__, "--one", experiment, "--steps", str(args.steps)],
-                                check=True, capture_output=True, text=True)
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    rows = measure_each(__file__, args.experiments, args.steps)
     command = f"python experiments/teacher_speed.py --steps {args.steps}"
-    text = f"# Teacher speed on this machine\n\nCommand: `{command}`\n\n{table(rows)}\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    print(write_report(args.out, "Teacher speed on this machine", command, table(rows)))
 
 
 if __name__ == "__main__":
