@@ -49,3 +49,32 @@ def jvp_dds(u_fn, y_s: torch.Tensor, s: torch.Tensor, tangent: torch.Tensor) -> 
     with sdpa_kernel(SDPBackend.MATH):
         _, dds = torch.func.jvp(u_fn, (y_s, s), (tangent.to(y_s.dtype), torch.ones_like(s)))
     return dds
+
+
+def vsd_loss(x_hat: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Variational score distillation (DMD) in fp32 (METHOD §4.1, Q3):
+
+        grad = (x0_fake - x0_teacher) / mean|x_hat - x0_teacher|  (per sample),
+        loss = 0.5 * mse(x_hat, sg(x_hat - grad)),
+
+    so d loss / d x_hat = grad / numel: the student moves along the teacher's minus the fake score."""
+    x_hat32 = x_hat.float()
+    with torch.no_grad():
+        scale = (x_hat32 - x0_teacher.float()).abs().mean(dim=tuple(range(1, x_hat.ndim)), keepdim=True)
+        grad = torch.nan_to_num((x0_fake.float() - x0_teacher.float()) / (scale + eps))
+    return 0.5 * F.mse_loss(x_hat32, x_hat32.detach() - grad)
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Minimax BCE averaged over heads and samples: softplus(-D(real)) + softplus(D(fake))."""
+    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+def generator_gan_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss -log sigmoid(D(fake)) = softplus(-D(fake)), averaged."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+def denoising_loss(x0_pred: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The fake score's denoising loss in x0 space, unweighted: ||x0_pred - x||^2 (mean, fp32)."""
+    return F.mse_loss(x0_pred.float(), x.float())

@@ -1,0 +1,52 @@
+"""Stage-2 building blocks: the VSD gradient, GAN losses, the Conv3D discriminator on teacher features."""
+
+import torch
+import torch.nn.functional as F
+from conftest import TINY_WAN
+
+from lightning_tmd.losses import denoising_loss, discriminator_loss, generator_gan_loss, vsd_loss
+from lightning_tmd.nets.discriminator import Discriminator
+from lightning_tmd.nets.wan import WanNet
+
+
+def test_vsd_gradient_is_the_normalised_score_difference():
+    g = torch.Generator().manual_seed(0)
+    x_hat = torch.randn(3, 3, 2, 4, 4, generator=g, requires_grad=True)
+    x0_fake, x0_teacher = torch.randn(2, 3, 3, 2, 4, 4, generator=g)
+    vsd_loss(x_hat, x0_fake, x0_teacher).backward()
+    scale = (x_hat.detach() - x0_teacher).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    expected = (x0_fake - x0_teacher) / (scale + 1e-6) / x_hat.numel()
+    assert torch.allclose(x_hat.grad, expected, atol=1e-7)
+
+
+def test_vsd_is_zero_when_fake_and_teacher_agree():
+    x_hat = torch.randn(2, 3, 2, 4, 4, requires_grad=True)
+    x0 = torch.randn(2, 3, 2, 4, 4)
+    loss = vsd_loss(x_hat, x0, x0)
+    loss.backward()
+    assert loss.item() == 0.0 and x_hat.grad.abs().max() == 0
+
+
+def test_gan_losses_are_binary_cross_entropy():
+    real, fake = torch.randn(4, 3), torch.randn(4, 3)
+    bce = F.binary_cross_entropy_with_logits
+    expected = bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake))
+    assert torch.allclose(discriminator_loss(real, fake), expected)
+    assert torch.allclose(generator_gan_loss(fake), bce(fake, torch.ones_like(fake)))
+    assert denoising_loss(real, real).item() == 0.0
+
+
+def test_discriminator_reads_teacher_block_features():
+    torch.manual_seed(0)
+    teacher = WanNet.from_config(TINY_WAN).eval()
+    x, context = torch.randn(2, 3, 4, 16, 16), torch.randn(2, 5, TINY_WAN["text_dim"])
+    blocks = [1, 2, 3]
+    with torch.no_grad():
+        features = teacher.block_features(x, torch.full((2,), 500.0), context, blocks)
+    channels = teacher.inner_dim // 4  # patch (1, 2, 2)
+    assert features[0].shape == (2, channels, 4, 16, 16)
+    disc = Discriminator(blocks, channels, widths=(8, 16, 16), mlp_width=8)
+    logits = disc(features)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    discriminator_loss(logits, -logits).backward()
+    assert all(p.grad is not None for p in disc.parameters())
