@@ -50,3 +50,29 @@ def test_discriminator_reads_teacher_block_features():
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
     discriminator_loss(logits, -logits).backward()
     assert all(p.grad is not None for p in disc.parameters())
+
+
+def test_critic_starts_as_the_teacher_and_learns_to_denoise(smoke_checkpoint):
+    from lightning_tmd.modules.critic import CriticModule
+    from lightning_tmd.modules.teacher import TeacherModule
+
+    teacher = TeacherModule.load_from_checkpoint(smoke_checkpoint).eval()
+    config = torch.load(smoke_checkpoint, weights_only=False)["run_config"]["model"]
+    critic = CriticModule(model=config, teacher_ckpt=str(smoke_checkpoint), lr=3e-3)
+    critic.setup("fit")
+    g = torch.Generator().manual_seed(0)
+    x_t, context = torch.randn(2, 3, 4, 16, 16, generator=g), torch.randn(2, 4, 16, generator=g)
+    t = torch.full((2,), 0.7, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(critic.x0(x_t, t, context), teacher.x0(x_t, t, context, teacher.sampling_net()))
+    optimizer = critic.configure_optimizers()["optimizer"]
+    samples = torch.rand(4, 3, 4, 16, 16, generator=g) * 2 - 1
+    context = torch.randn(4, 4, 16, generator=g)
+    losses = []
+    for step in range(30):
+        loss = critic.denoising_loss_on(samples, context, torch.Generator().manual_seed(step % 3))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3])

@@ -55,9 +55,7 @@ class StudentModule(GeneratorModule):
         if min(inner_steps, outer_steps) < 1:
             raise ValueError(f"inner_steps={inner_steps} and outer_steps={outer_steps} must be >= 1")
         self.save_hyperparameters()
-        dtype = getattr(torch, model.get("dtype") or "float32")
-        wan = WanNet.build(model.get("path"), model.get("config"), dtype, bool(model.get("checkpoint_blocks", False)))
-        self.net = TMDStudent(wan, head_blocks, fusion, inner_target)
+        self.net = TMDStudent(WanNet.from_settings(model), head_blocks, fusion, inner_target)
         self.init_ema(ema_decay)
 
     # -- grids and cost ----------------------------------------------------------------------

@@ -36,9 +36,7 @@ class TeacherModule(GeneratorModule):
                  sample_shift: float = 3.0, guidance_scale: float = 4.0) -> None:
         super().__init__()
         self.save_hyperparameters()
-        dtype = getattr(torch, model.get("dtype") or "float32")
-        self.net = WanNet.build(model.get("path"), model.get("config"), dtype,
-                                bool(model.get("checkpoint_blocks", False)))
+        self.net = WanNet.from_settings(model)
         self.init_ema(ema_decay)
 
     # -- predictions ---------------------------------------------------------------------------

@@ -123,6 +123,12 @@ class WanNet(nn.Module):
             raise ValueError("model: give either model.path (a diffusers folder) or model.config")
         return cls.from_config(config, checkpoint_blocks)
 
+    @classmethod
+    def from_settings(cls, model: dict[str, Any]) -> WanNet:
+        """Build from a model group {"path", "config", "dtype" (a torch dtype name), "checkpoint_blocks"}."""
+        dtype = getattr(torch, model.get("dtype") or "float32")
+        return cls.build(model.get("path"), model.get("config"), dtype, bool(model.get("checkpoint_blocks", False)))
+
     def save_pretrained(self, folder: str | Path) -> None:
         self.transformer.save_pretrained(folder)
 
