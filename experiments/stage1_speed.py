@@ -73,7 +73,7 @@ def measure(variant: str, steps: int) -> dict:
 def fd_vs_jvp(module, batch: dict, deltas: tuple[float, ...] = (5e-3, 1e-3, 2e-4)) -> dict[str, float]:
     """||FD - JVP|| / ||JVP|| of d/ds u_theta on one batch at s ~ U(0.1, 0.9), r = the inner grid point
     below, for each finite-difference delta."""
-    from lightning_tmd.schedules import broadcast_time, grid_floor
+    from lightning_tmd.schedules import grid_floor, interpolate
 
     x = batch["video"]
     g = torch.Generator().manual_seed(0)
@@ -82,10 +82,10 @@ def fd_vs_jvp(module, batch: dict, deltas: tuple[float, ...] = (5e-3, 1e-3, 2e-4
     t = module.outer_grid()[:1].expand(len(x))
     x1, y1 = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
     y = x1 - x
-    y_s = (1 - broadcast_time(s, y)) * y + broadcast_time(s, y) * y1
+    y_s = interpolate(y, y1, s)
     hp = module.hparams
     with torch.no_grad():
-        main = module.net.backbone((1 - broadcast_time(t, x)) * x + broadcast_time(t, x) * x1, t, batch["context"])
+        main = module.net.backbone(interpolate(x, x1, t), t, batch["context"])
     hp.derivative = "jvp"
     exact = module.dds(main, y1, y_s, s, r, y1 - y)
     hp.derivative, default_delta = "finite_difference", hp.fd_delta

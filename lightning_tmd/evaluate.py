@@ -194,8 +194,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
              + ", ".join(f"{k} {v:.3f}" for k, v in judge_acc.items())
              + f". Latency: median of {cfg.latency.repeats} runs at batch {cfg.latency.batch_size}, "
              f"{torch.get_num_threads()} CPU threads. Wall time {result['wall_time_s']:.0f} s.")
-    (out / "table.md").write_text(markdown_table(rows, notes))
-    print(markdown_table(rows, notes))
+    table = markdown_table(rows, notes)
+    (out / "table.md").write_text(table)
+    print(table)
     return rows
 
 

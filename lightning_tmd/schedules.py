@@ -82,3 +82,9 @@ def grid_floor(grid: torch.Tensor, s: torch.Tensor, strict: bool = False) -> tor
     points = grid.to(device=s.device, dtype=torch.float64).sort().values
     index = torch.searchsorted(points, s.to(torch.float64), right=not strict) - 1
     return points[index.clamp(min=0)]
+
+
+def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The flow interpolation x_t = (1 - t) x + t noise, with t (B,) per sample."""
+    tb = broadcast_time(t, x)
+    return (1 - tb) * x + tb * noise

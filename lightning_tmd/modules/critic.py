@@ -11,7 +11,7 @@ from lightning_tmd.losses import denoising_loss
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.modules.teacher import teacher_state_dict
 from lightning_tmd.nets.wan import WanNet, wan_timestep
-from lightning_tmd.schedules import broadcast_time, sample_shifted_uniform
+from lightning_tmd.schedules import broadcast_time, interpolate, sample_shifted_uniform
 
 
 class CriticModule(GeneratorModule):
@@ -55,7 +55,7 @@ class CriticModule(GeneratorModule):
         x = samples.detach()
         t = self.sample_t(len(x), x.device, generator)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_t = (1 - broadcast_time(t, x)) * x + broadcast_time(t, x) * noise
+        x_t = interpolate(x, noise, t)
         return denoising_loss(self.x0(x_t, t, context), x)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from lightning_tmd.modules.teacher import teacher_state_dict
 from lightning_tmd.nets.tmd_student import CLEAN_ESTIMATES, MainFeature, TMDStudent
 from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.sampling import effective_nfe, tmd_sample
-from lightning_tmd.schedules import broadcast_time, grid_floor, sample_shifted_uniform, shifted_grid
+from lightning_tmd.schedules import grid_floor, interpolate, sample_shifted_uniform, shifted_grid
 
 OBJECTIVES = ("tm_meanflow", "tm")
 DERIVATIVES = ("finite_difference", "jvp")
@@ -170,11 +170,11 @@ class StudentModule(GeneratorModule):
         context, dropped = self.drop_condition(batch)
         t = self.sample_outer_times(n, device)
         x1 = torch.randn_like(x)
-        x_t = (1 - broadcast_time(t, x)) * x + broadcast_time(t, x) * x1
+        x_t = interpolate(x, x1, t)
         main = self.net.backbone(x_t, t, context)  # gradient flows into the backbone
         y, y1 = self.inner_target(x, x1), torch.randn_like(x)
         s, r = self.sample_inner_times(n, device)
-        y_s = (1 - broadcast_time(s, y)) * y + broadcast_time(s, y) * y1
+        y_s = interpolate(y, y1, s)
         v = self.guided_velocity(y1 - y, y_s, s, y1, x_t, t, batch["negative_context"], dropped)
         target = v.clone()
         jump = (s > r).nonzero().squeeze(1)
@@ -205,7 +205,7 @@ class StudentModule(GeneratorModule):
         y = self.inner_target(x, x1)
         for t_value in self.outer_grid()[:-1].tolist():
             t = torch.full((len(x),), t_value, dtype=torch.float64, device=x.device)
-            x_t = (1 - broadcast_time(t, x)) * x + broadcast_time(t, x) * x1
+            x_t = interpolate(x, x1, t)
             main = self.net.backbone(x_t, t, batch["context"])
             for s_value in (0.3, 0.7):
                 s = torch.full_like(t, s_value)

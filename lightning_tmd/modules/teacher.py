@@ -11,7 +11,7 @@ from lightning_tmd.losses import flow_matching_loss
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.nets.wan import WanNet, wan_timestep
 from lightning_tmd.sampling import euler_sample, teacher_nfe
-from lightning_tmd.schedules import broadcast_time, sample_train_times, shifted_grid
+from lightning_tmd.schedules import broadcast_time, interpolate, sample_train_times, shifted_grid
 
 
 class TeacherModule(GeneratorModule):
@@ -101,7 +101,7 @@ class TeacherModule(GeneratorModule):
     def flow_loss(self, batch: dict, t: torch.Tensor, noise: torch.Tensor,
                   context: torch.Tensor) -> torch.Tensor:
         x = batch["video"]
-        x_t = (1 - broadcast_time(t, x)) * x + broadcast_time(t, x) * noise
+        x_t = interpolate(x, noise, t)
         return flow_matching_loss(self.velocity(x_t, t, context), x, noise)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
