@@ -81,3 +81,15 @@ def test_batches_carry_cached_text_and_negative_prompt():
     size = dm.prompts.cache_size
     dm.on_before_batch_transfer(batch, 0)
     assert dm.prompts.cache_size == size  # encoded once
+
+
+def test_resumable_loader_starts_a_new_epoch_after_a_fully_served_one():
+    """A prefetching trainer stops reading after the last batch without exhausting the iterator."""
+    from lightning_tmd.data.datamodule import ResumableLoader
+
+    exhausted, prefetched = ResumableLoader(list(range(12)), 4, seed=1), ResumableLoader(list(range(12)), 4, seed=1)
+    for _ in range(3):
+        iterator = iter(prefetched)
+        served = [next(iterator).tolist() for _ in range(len(prefetched))]
+        assert served == [b.tolist() for b in exhausted]
+    assert len(prefetched) == 3 and prefetched.epoch == 2

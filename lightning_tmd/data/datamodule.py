@@ -41,10 +41,21 @@ class ResumableLoader(DataLoader):
         super().__init__(dataset, batch_size=batch_size, sampler=_EpochPermutation(self), drop_last=True,
                          generator=torch.Generator().manual_seed(seed), **kwargs)
 
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.dataset) // self.batch_size
+
     def __len__(self) -> int:
-        return len(self.dataset) // self.batch_size - self.batches_done
+        return self.batches_per_epoch - self.batches_done if not self.epoch_served else self.batches_per_epoch
+
+    @property
+    def epoch_served(self) -> bool:
+        """Every batch of the epoch was served (a prefetching caller may never exhaust the iterator)."""
+        return self.batches_done >= self.batches_per_epoch
 
     def __iter__(self) -> Iterator[Any]:
+        if self.epoch_served:
+            self.epoch, self.batches_done = self.epoch + 1, 0
         for batch in super().__iter__():
             self.batches_done += 1
             yield batch
