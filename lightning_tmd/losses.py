@@ -51,18 +51,22 @@ def jvp_dds(u_fn, y_s: torch.Tensor, s: torch.Tensor, tangent: torch.Tensor) -> 
     return dds
 
 
-def vsd_loss(x_hat: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Variational score distillation (DMD) in fp32 (METHOD §4.1, Q3):
-
-        grad = (x0_fake - x0_teacher) / mean|x_hat - x0_teacher|  (per sample),
-        loss = 0.5 * mse(x_hat, sg(x_hat - grad)),
-
-    so d loss / d x_hat = grad / numel: the student moves along the teacher's minus the fake score."""
-    x_hat32 = x_hat.float()
+def vsd_gradient(x_hat: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor,
+                 eps: float = 1e-6) -> torch.Tensor:
+    """The DMD update direction in fp32, without grad (METHOD §4.1, Q3):
+    (x0_fake - x0_teacher) / mean|x_hat - x0_teacher|, normalised per sample."""
     with torch.no_grad():
-        scale = (x_hat32 - x0_teacher.float()).abs().mean(dim=tuple(range(1, x_hat.ndim)), keepdim=True)
-        grad = torch.nan_to_num((x0_fake.float() - x0_teacher.float()) / (scale + eps))
-    return 0.5 * F.mse_loss(x_hat32, x_hat32.detach() - grad)
+        x0_teacher = x0_teacher.float()
+        scale = (x_hat.float() - x0_teacher).abs().mean(dim=tuple(range(1, x_hat.ndim)), keepdim=True)
+        return torch.nan_to_num((x0_fake.float() - x0_teacher) / (scale + eps))
+
+
+def vsd_loss(x_hat: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Variational score distillation (DMD): loss = 0.5 * mse(x_hat, sg(x_hat - grad)) with
+    grad = `vsd_gradient`, so d loss / d x_hat = grad / numel: the student moves along the teacher's
+    minus the fake score."""
+    x_hat32 = x_hat.float()
+    return 0.5 * F.mse_loss(x_hat32, x_hat32.detach() - vsd_gradient(x_hat, x0_fake, x0_teacher, eps))
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:

@@ -48,11 +48,18 @@ def tmd_sample(student: TMDStudent, context: torch.Tensor, noise: torch.Tensor, 
     x = noise
     ones = torch.ones(len(x), dtype=torch.float64, device=x.device)
     for t, t_next in zip(outer_grid[:-1].tolist(), outer_grid[1:].tolist()):
-        main = student.backbone(x, t * ones, context)
-        y1 = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        y_hat = student.rollout(main, y1, inner_grid)
-        x = student.transition(x, t * ones, t_next * ones, y_hat).to(x.dtype)
+        x = tmd_step(student, x, t * ones, t_next * ones, context, inner_grid, generator)
     return x
+
+
+def tmd_step(student: TMDStudent, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, context: torch.Tensor,
+             inner_grid: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One outer step of Algorithm 1 (t, t_next of shape (B,)): the backbone once, fresh inner noise
+    y1, the N-step head rollout, then x_{t'} = x_t - (t - t') y_hat (Eq. 4)."""
+    main = student.backbone(x_t, t, context)
+    y1 = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+    y_hat = student.rollout(main, y1, inner_grid)
+    return student.transition(x_t, t, t_next, y_hat).to(x_t.dtype)
 
 
 def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:

@@ -70,7 +70,7 @@ def test_critic_starts_as_the_teacher_and_learns_to_denoise(smoke_checkpoint):
     context = torch.randn(4, 4, 16, generator=g)
     losses = []
     for step in range(30):
-        loss = critic.denoising_loss_on(samples, context, torch.Generator().manual_seed(step % 3))
+        loss = critic.denoising_loss_on(samples, context, generator=torch.Generator().manual_seed(step % 3))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -10,7 +10,7 @@ from test_apps import compose_app
 from lightning_tmd.evaluate import evaluate
 from lightning_tmd.generators import load_generator
 from lightning_tmd.modules.student import StudentModule
-from lightning_tmd.modules.teacher import teacher_state_dict
+from lightning_tmd.modules.teacher import sampling_state_dict
 from lightning_tmd.sample import sample
 from lightning_tmd.train import train
 
@@ -52,7 +52,7 @@ def test_sample_and_evaluate_apps_take_a_student_and_its_m_n(smoke_student_check
 
 
 def test_stage1_starts_from_the_teachers_ema_weights(smoke_checkpoint):
-    teacher = teacher_state_dict(str(smoke_checkpoint))
+    teacher = sampling_state_dict(str(smoke_checkpoint))
     raw = torch.load(smoke_checkpoint, weights_only=False)["state_dict"]
     key = next(iter(teacher))
     assert torch.equal(teacher[key], raw[f"ema.module.{key}"])

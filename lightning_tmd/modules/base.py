@@ -29,6 +29,13 @@ class GeneratorModule(L.LightningModule):
         if self.ema is not None:
             self.ema.requires_grad_(False)
 
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load `self.net`'s weights and restart the EMA from them."""
+        self.net.load_state_dict(state_dict)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.net.state_dict())
+            self.ema.n_averaged.zero_()
+
     def sampling_net(self) -> nn.Module:
         """The EMA weights when kept, else the raw weights."""
         return self.ema.module if self.ema is not None else self.net

@@ -9,9 +9,9 @@ import torch
 
 from lightning_tmd.losses import denoising_loss
 from lightning_tmd.modules.base import GeneratorModule
-from lightning_tmd.modules.teacher import teacher_state_dict
-from lightning_tmd.nets.wan import WanNet, wan_timestep
-from lightning_tmd.schedules import broadcast_time, interpolate, sample_shifted_uniform
+from lightning_tmd.modules.teacher import sampling_state_dict
+from lightning_tmd.nets.wan import WanNet
+from lightning_tmd.schedules import interpolate, sample_shifted_uniform
 
 
 class CriticModule(GeneratorModule):
@@ -38,25 +38,27 @@ class CriticModule(GeneratorModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.teacher_ckpt:
-            self.net.load_state_dict(teacher_state_dict(self.hparams.teacher_ckpt))
+            self.net.load_state_dict(sampling_state_dict(self.hparams.teacher_ckpt))
 
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """g_fake(x_t, t, c) = x_t - t v_fake(x_t, t, c)."""
-        v = self.net(x_t, wan_timestep(t), context.to(x_t.dtype))
-        return x_t - broadcast_time(t, x_t) * v
+        return self.net.x0(x_t, t, context)
 
     def sample_t(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         """t_dmd = shift(U(0.001, 0.999), t_shift), float64."""
         return sample_shifted_uniform(n, self.hparams.t_shift, generator=generator, device=device)
 
-    def denoising_loss_on(self, samples: torch.Tensor, context: torch.Tensor,
+    def denoising_loss_on(self, samples: torch.Tensor, context: torch.Tensor, t: torch.Tensor | None = None,
+                          noise: torch.Tensor | None = None,
                           generator: torch.Generator | None = None) -> torch.Tensor:
-        """||g_fake((1 - t) x + t eps, t) - x||^2 on clips x (detached), t = t_dmd."""
+        """||g_fake((1 - t) x + t eps, t) - x||^2 on clips x (detached); t = t_dmd and eps ~ N(0, I)
+        unless given (stage 2 shares them with the discriminator)."""
         x = samples.detach()
-        t = self.sample_t(len(x), x.device, generator)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_t = interpolate(x, noise, t)
-        return denoising_loss(self.x0(x_t, t, context), x)
+        if t is None:
+            t = self.sample_t(len(x), x.device, generator)
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return denoising_loss(self.x0(interpolate(x, noise, t), t, context), x)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         context, _ = self.drop_condition(batch)

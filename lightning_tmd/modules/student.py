@@ -9,10 +9,10 @@ import torch
 
 from lightning_tmd.losses import adaptive_l2_loss, finite_difference_dds, jvp_dds
 from lightning_tmd.modules.base import GeneratorModule
-from lightning_tmd.modules.teacher import teacher_state_dict
+from lightning_tmd.modules.teacher import sampling_state_dict
 from lightning_tmd.nets.tmd_student import CLEAN_ESTIMATES, MainFeature, TMDStudent
 from lightning_tmd.nets.wan import WanNet
-from lightning_tmd.sampling import effective_nfe, tmd_sample
+from lightning_tmd.sampling import effective_nfe, tmd_sample, tmd_step
 from lightning_tmd.schedules import grid_floor, interpolate, sample_shifted_uniform, shifted_grid
 
 OBJECTIVES = ("tm_meanflow", "tm")
@@ -76,7 +76,7 @@ class StudentModule(GeneratorModule):
     def setup(self, stage: str) -> None:
         """Start fitting from the teacher's weights (a resumed run's checkpoint then overrides them)."""
         if stage == "fit" and self.hparams.teacher_ckpt:
-            self.net.wan.load_state_dict(teacher_state_dict(self.hparams.teacher_ckpt))
+            self.net.wan.load_state_dict(sampling_state_dict(self.hparams.teacher_ckpt))
             if self.ema is not None:
                 self.ema.module.load_state_dict(self.net.state_dict())
 
@@ -106,6 +106,26 @@ class StudentModule(GeneratorModule):
                            generator)
         net.train(was_training)
         return clips, self.effective_nfe(outer_steps, inner_steps)
+
+    # -- the one-step generator of stage 2 ------------------------------------------------------
+    def generate(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, noise: torch.Tensor | None = None,
+                 rollout: bool = True) -> torch.Tensor:
+        """g_theta(x_t, t; y1): one outer step's clean estimate x_hat (Eq. 15) from fresh inner noise,
+        differentiable through the backbone and all N inner head steps (METHOD §4.2).
+
+        `rollout=False` is the ablation of METHOD Q6: a single head call over the whole inner
+        interval [t_max, 0]. `noise` (the outer x1) is used by the literal clean estimate only.
+        """
+        main = self.net.backbone(x_t, t, context)
+        inner_grid = self.inner_grid() if rollout else self.inner_grid(1)
+        y_hat = self.net.rollout(main, torch.randn_like(x_t), inner_grid)
+        return self.net.clean_estimate(x_t, t, y_hat, self.hparams.clean_estimate, noise)
+
+    @torch.no_grad()
+    def outer_step(self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                   context: torch.Tensor) -> torch.Tensor:
+        """One step of Algorithm 1 with the training weights (backward simulation in stage 2)."""
+        return tmd_step(self.net, x_t, t, t_next, context, self.inner_grid())
 
     # -- stage 1 -----------------------------------------------------------------------------
     def sample_outer_times(self, n: int, device: torch.device) -> torch.Tensor:

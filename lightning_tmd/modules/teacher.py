@@ -9,9 +9,9 @@ import torch
 
 from lightning_tmd.losses import flow_matching_loss
 from lightning_tmd.modules.base import GeneratorModule
-from lightning_tmd.nets.wan import WanNet, wan_timestep
+from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.sampling import euler_sample, teacher_nfe
-from lightning_tmd.schedules import broadcast_time, interpolate, sample_train_times, shifted_grid
+from lightning_tmd.schedules import interpolate, sample_train_times, shifted_grid
 
 
 class TeacherModule(GeneratorModule):
@@ -43,12 +43,12 @@ class TeacherModule(GeneratorModule):
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                  net: WanNet | None = None) -> torch.Tensor:
         """v(x_t, t, c) with t in [0, 1], shape (B,)."""
-        return (net or self.net)(x_t, wan_timestep(t), context.to(x_t.dtype))
+        return (net or self.net).velocity(x_t, t, context)
 
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
            net: WanNet | None = None) -> torch.Tensor:
         """Clean estimate x0 = x_t - t v."""
-        return x_t - broadcast_time(t, x_t) * self.velocity(x_t, t, context, net)
+        return (net or self.net).x0(x_t, t, context)
 
     def guided_velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                         negative_context: torch.Tensor, scale: float,
@@ -124,8 +124,9 @@ class TeacherModule(GeneratorModule):
             self.log(f"val/loss_t{t_value}", loss, batch_size=len(x))
 
 
-def teacher_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The `WanNet` weights a teacher checkpoint samples with: its EMA when kept, else the raw net."""
+def sampling_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The weights of `module.net` that a checkpoint samples with: its EMA when kept, else the raw net
+    (a teacher's `WanNet`, a stage-1 student's `TMDStudent`, ...)."""
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

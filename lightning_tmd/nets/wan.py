@@ -230,6 +230,14 @@ class WanNet(nn.Module):
         hidden = self.run_blocks(tokens, 0, self.num_blocks)
         return self.unembed(hidden, tokens.temb, tokens.grid)
 
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """v(x_t, t, c) with t in [0, 1], shape (B,) (float64 allowed)."""
+        return self(x_t, wan_timestep(t), context.to(x_t.dtype))
+
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The clean estimate x0 = x_t - t v(x_t, t, c) (Eq. 17)."""
+        return x_t - t.to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1))) * self.velocity(x_t, t, context)
+
     def block_features(
         self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, blocks: list[int]
     ) -> list[torch.Tensor]:
