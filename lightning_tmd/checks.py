@@ -39,37 +39,104 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint file at '{cfg.ckpt_path}'")
-    if cfg.stage.get("name") == "tm":
+    stage = cfg.stage.get("name")
+    if stage == "tm":
         check_student(cfg, model)
+    elif stage == "dmd":
+        check_dmd(cfg, model)
+    elif stage == "kd":
+        check_kd(cfg)
+
+
+TRAIN_TEACHER = "python -m lightning_tmd.train stage=teacher experiment=shapes_teacher"
+
+
+def check_teacher_source(cfg: DictConfig, field: str, path: str | None) -> None:
+    """A stage that needs a teacher: `path` (a checkpoint, named by `field`) or model.path; the
+    checkpoint must have been trained with this run's model config, text encoder and negative prompt."""
+    if not path:
+        if not cfg.model.get("path"):
+            raise ValueError(f"{field} is null and model.path is unset: this stage needs a teacher. Train one "
+                             f"(stage=teacher) and set {field}=<its last.ckpt>, or point model.path at a Wan "
+                             "diffusers folder")
+        return
+    check_matching_checkpoint(cfg, field, path, f"Train the teacher first: {TRAIN_TEACHER}")
+
+
+def check_matching_checkpoint(cfg: DictConfig, field: str, path: str, hint: str) -> dict:
+    """The checkpoint at `path` exists and was trained with this run's model, text encoder and
+    negative prompt; returns it (loaded on the CPU)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{field}: no checkpoint file at '{path}'. {hint}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    trained = checkpoint.get("run_config")
+    if trained is not None:
+        ours = OmegaConf.to_container(cfg, resolve=True)
+        for group, key in (("model", "config"), ("text", "encoder"), ("text", "negative_prompt")):
+            theirs, mine = trained[group].get(key), ours[group].get(key)
+            if theirs != mine:
+                raise ValueError(f"{group}.{key}: {mine} differs from the one {field} was trained with "
+                                 f"({theirs}); use that checkpoint's {group}")
+    return checkpoint
+
+
+def check_head_blocks(head_blocks: int, blocks: int, field: str) -> None:
+    if not 1 <= head_blocks < blocks:
+        raise ValueError(f"{field}={head_blocks} must be in 1..{blocks - 1} (the teacher has {blocks} blocks)")
 
 
 def check_student(cfg: DictConfig, model: dict) -> None:
-    """Stage 1 needs a teacher (a checkpoint or model.path), a head shorter than the teacher, and a
-    teacher checkpoint trained with the same model and text encoder as this run."""
+    """Stage 1 needs a teacher (a checkpoint or model.path) and a head shorter than the teacher."""
     module = cfg.stage.module
-    blocks = model["num_layers"]
-    if not 1 <= module.head_blocks < blocks:
-        raise ValueError(f"stage.module.head_blocks={module.head_blocks} must be in 1..{blocks - 1} "
-                         f"(the teacher has {blocks} blocks)")
-    teacher = module.get("teacher_ckpt")
-    if not teacher:
-        if not cfg.model.get("path"):
-            raise ValueError("stage.module.teacher_ckpt is null and model.path is unset: the student needs a "
-                             "teacher. Train one (stage=teacher) and set stage.module.teacher_ckpt=<its last.ckpt>, "
-                             "or point model.path at a Wan diffusers folder")
+    check_head_blocks(module.head_blocks, model["num_layers"], "stage.module.head_blocks")
+    check_teacher_source(cfg, "stage.module.teacher_ckpt", module.get("teacher_ckpt"))
+
+
+STUDENT_ARCHITECTURE = ("head_blocks", "fusion", "inner_target", "outer_steps", "inner_steps")
+
+
+def check_dmd(cfg: DictConfig, model: dict) -> None:
+    """Stage 2: a teacher, discriminator blocks inside the teacher, and a student checkpoint of the
+    configured kind (a TMD student must come from a stage-1 run with the same H, fusion, inner target,
+    M and N: stage 1 is specific to its grids, METHOD Q5)."""
+    module, blocks = cfg.stage.module, model["num_layers"]
+    check_teacher_source(cfg, "stage.module.teacher_ckpt", module.get("teacher_ckpt"))
+    bad = [b for b in module.discriminator.blocks if not 1 <= b <= blocks]
+    if bad:
+        raise ValueError(f"stage.module.discriminator.blocks {bad} are outside the teacher's blocks 1..{blocks}")
+    student = module.student
+    if student.kind == "tmd":
+        check_head_blocks(student.head_blocks, blocks, "stage.module.student.head_blocks")
+    path = module.get("student_ckpt")
+    if not path:
         return
-    if not Path(teacher).is_file():
-        raise FileNotFoundError(f"stage.module.teacher_ckpt: no checkpoint file at '{teacher}'. Train the teacher "
-                                "first: python -m lightning_tmd.train stage=teacher experiment=shapes_teacher")
-    trained = torch.load(teacher, map_location="cpu", weights_only=False).get("run_config")
-    if trained is None:
-        return
-    ours = OmegaConf.to_container(cfg, resolve=True)
-    for group, field in (("model", "config"), ("text", "encoder"), ("text", "negative_prompt")):
-        theirs, mine = trained[group].get(field), ours[group].get(field)
-        if theirs != mine:
-            raise ValueError(f"{group}.{field}: {mine} differs from the teacher's ({theirs}) in "
-                             f"stage.module.teacher_ckpt; the student must use the teacher's {group}")
+    hint = ("Train stage 1 first: python -m lightning_tmd.train stage=tm experiment=shapes_tmd_stage1"
+            if student.kind == "tmd" else "Train the KD warm-up first: python -m lightning_tmd.train "
+            "stage=kd experiment=shapes_kd")
+    trained = check_matching_checkpoint(cfg, "stage.module.student_ckpt", path, hint)["hyper_parameters"]
+    trained = trained.get("student", trained)  # a stage-2 checkpoint holds its student's settings
+    trained_kind = "tmd" if "head_blocks" in trained else "one_pass"
+    if trained_kind != student.kind:
+        raise ValueError(f"stage.module.student_ckpt holds a {trained_kind} student but stage.module.student.kind "
+                         f"is {student.kind}: choose stage/student@stage.module.student={trained_kind} or another "
+                         "checkpoint")
+    if student.kind == "tmd":
+        for key in STUDENT_ARCHITECTURE:
+            if trained[key] != student[key]:
+                raise ValueError(f"stage.module.student.{key}={student[key]} but stage.module.student_ckpt was "
+                                 f"trained with {key}={trained[key]}: set it to {trained[key]} or train stage 1 "
+                                 "with these settings")
+
+
+def check_kd(cfg: DictConfig) -> None:
+    """KD warm-up: a teacher checkpoint for the pairs, and the one-step map only."""
+    if cfg.stage.module.outer_steps != 1:
+        raise ValueError(f"stage.module.outer_steps={cfg.stage.module.outer_steps}: the KD warm-up trains the "
+                         "one-step map (noise at t_max -> clip); set it to 1")
+    path = cfg.data.get("teacher_ckpt")
+    if not path:
+        raise ValueError("data.teacher_ckpt is unset: the KD pairs need a teacher checkpoint (data=teacher_pairs)")
+    check_matching_checkpoint(cfg, "data.teacher_ckpt", path, f"Train the teacher first: {TRAIN_TEACHER}")
 
 
 def check_text_width(text_dim: int, cfg: DictConfig) -> None:

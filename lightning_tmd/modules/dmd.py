@@ -1,0 +1,290 @@
+"""DMDModule: stage 2 of TMD, DMD2-v with the flow head rolled out inside every outer step, and the
+DMD2-v baseline (METHOD §4). Manual optimization over three trained roles and a frozen teacher:
+
+    iteration k % student_every == 0:  student  <- VSD (CFG-5 teacher vs fake score) + lambda GAN
+    otherwise:                         critic   <- denoising of re-noised student samples
+                                       discriminator <- BCE on teacher features of noised real / fake
+
+Student inputs are noised data at a point of the student's outer grid (no outer backward simulation;
+DMD2's backward simulation is an option for data-free runs). Noise levels t_dmd = shift_5(U).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
+
+from lightning_tmd.losses import discriminator_loss, generator_gan_loss, vsd_gradient, vsd_loss
+from lightning_tmd.modules.base import GeneratorModule
+from lightning_tmd.modules.critic import CriticModule
+from lightning_tmd.modules.one_pass import OnePassStudent
+from lightning_tmd.modules.student import StudentModule
+from lightning_tmd.modules.teacher import TeacherModule, sampling_state_dict
+from lightning_tmd.nets.discriminator import Discriminator
+from lightning_tmd.nets.wan import wan_timestep
+from lightning_tmd.schedules import interpolate
+
+STUDENTS: dict[str, type[GeneratorModule]] = {"tmd": StudentModule, "one_pass": OnePassStudent}
+TEACHER_PREFIX = "teacher."
+
+
+class DMDModule(L.LightningModule):
+    """Stage 2: student, fake-score critic and discriminator against a frozen teacher.
+
+    Args:
+        model: the teacher's architecture {"path", "config", "dtype", "checkpoint_blocks"}; student
+            and critic share it.
+        student: {"kind": "tmd" | "one_pass", **arguments of StudentModule / OnePassStudent}
+            (head_blocks, outer_steps, inner_steps, ... for TMD; outer_steps for DMD2-v).
+        teacher_ckpt: the TeacherModule checkpoint of the real score (None: `model.path`'s weights).
+            The teacher is rebuilt from it for every fit and never saved into a stage-2 checkpoint.
+        student_ckpt: where the student starts: a stage-1 (TMD) or KD (DMD2-v) checkpoint; None:
+            the teacher's weights.
+        discriminator: {"blocks": 1-based teacher blocks, "widths": (c2, c3, c4), "mlp_width"}.
+        student_every: the student updates on iterations k % student_every == 0, the critic and the
+            discriminator on the others (paper: 5, i.e. 4 critic updates per student update).
+        guidance_scale: the teacher's CFG in the VSD direction. gan_weight: lambda. t_shift: gamma of t_dmd.
+        rollout: TMD only; False trains with one head call over [t_max, 0] (METHOD Q6 ablation).
+        backward_simulation: build the student's input x_{t_i} by running the student (no grad) from
+            noise instead of noising data (DMD2); the GAN's real branch still reads the batch.
+        lr_student, lr_critic, lr_discriminator, betas, weight_decay, adam_eps: AdamW per role.
+        grad_clip: max gradient norm of each role (None: no clipping).
+        histogram_every: iterations between TensorBoard histograms of t_dmd and t_student.
+
+    Optimizers: the student's, and the critic's, whose two parameter groups are the fake score and
+    the discriminator (each with its own learning rate and its own clipping). They step together on
+    one combined loss; one optimizer step per iteration keeps Lightning's `global_step` equal to the
+    iteration count (it counts every `optimizer.step()` under manual optimization).
+    """
+
+    def __init__(self, model: dict[str, Any], student: dict[str, Any], teacher_ckpt: str | None = None,
+                 student_ckpt: str | None = None, discriminator: dict[str, Any] | None = None,
+                 student_every: int = 5, guidance_scale: float = 5.0, gan_weight: float = 0.03,
+                 t_shift: float = 5.0, rollout: bool = True, backward_simulation: bool = False,
+                 lr_student: float = 1e-5, lr_critic: float = 1e-5, lr_discriminator: float = 1e-5,
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01, adam_eps: float = 1e-8,
+                 grad_clip: float | None = 1.0, histogram_every: int = 100) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        student = dict(student)
+        kind = student.pop("kind", "tmd")
+        if kind not in STUDENTS:
+            raise ValueError(f"stage.module.student.kind '{kind}' is unknown: use one of {tuple(STUDENTS)}")
+        if student_every < 2:
+            raise ValueError(f"stage.module.student_every={student_every}: use >= 2 so the critic updates too")
+        self.save_hyperparameters()
+        self.student = STUDENTS[kind](model=model, **student)
+        self.critic = CriticModule(model, t_shift=t_shift)
+        net = self.critic.net
+        settings = dict(discriminator or {"blocks": [net.num_blocks]})
+        self.discriminator = Discriminator(in_channels=net.inner_dim // math.prod(net.patch_size), **settings)
+        self.teacher: TeacherModule | None = None  # built for fitting only (`configure_model`)
+        self.iteration = 0  # own counter: decides who updates; checkpointed
+        self._times: dict[str, list[torch.Tensor]] = {"t_dmd": [], "t_student": []}
+
+    # -- what sampling and evaluation see ---------------------------------------------------------
+    @property
+    def net(self) -> torch.nn.Module:
+        return self.student.net
+
+    def sample(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, float]:
+        """The student's sampler (Algorithm 1 for TMD, Eq. 18 for DMD2-v): (clips, effective NFE)."""
+        return self.student.sample(*args, **kwargs)
+
+    def effective_nfe(self, *args: Any, **kwargs: Any) -> float:
+        return self.student.effective_nfe(*args, **kwargs)
+
+    # -- models ----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Start from the student checkpoint and a teacher-initialised critic (a resumed run's
+        checkpoint then overrides both)."""
+        if stage != "fit":
+            return
+        hp = self.hparams
+        if hp.teacher_ckpt:
+            teacher_weights = sampling_state_dict(hp.teacher_ckpt)
+            self.critic.net.load_state_dict(teacher_weights)
+        if hp.student_ckpt:
+            self.student.load_weights(sampling_state_dict(hp.student_ckpt))
+        elif hp.teacher_ckpt:
+            target = self.student.net.wan if isinstance(self.student, StudentModule) else self.student.net
+            target.load_state_dict(teacher_weights)
+            self.student.load_weights(self.student.net.state_dict())
+
+    def configure_model(self) -> None:
+        """The frozen real score, built for fitting only (not to sample from a checkpoint): eval mode,
+        no grad, in no optimizer."""
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if self.teacher is not None or not fitting:
+            return
+        teacher = TeacherModule(self.hparams.model, ema_decay=None)
+        if self.hparams.teacher_ckpt:
+            teacher.net.load_state_dict(sampling_state_dict(self.hparams.teacher_ckpt))
+        self.teacher = teacher.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> DMDModule:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        hp = self.hparams
+        kwargs = {"betas": tuple(hp.betas), "weight_decay": hp.weight_decay, "eps": hp.adam_eps}
+        student = torch.optim.AdamW([{"params": list(self.student.net.parameters()), "lr": hp.lr_student,
+                                      "name": "student"}], **kwargs)
+        critic = torch.optim.AdamW([
+            {"params": list(self.critic.net.parameters()), "lr": hp.lr_critic, "name": "fake_score"},
+            {"params": list(self.discriminator.parameters()), "lr": hp.lr_discriminator, "name": "discriminator"},
+        ], **kwargs)
+        return [student, critic]
+
+    def on_fit_start(self) -> None:
+        if "16" in str(self.trainer.precision) and "bf16" not in str(self.trainer.precision):
+            raise ValueError(f"trainer.precision={self.trainer.precision}: stage 2 clips each role's gradients "
+                             "without a loss scaler; use 32-true or bf16-mixed")
+
+    # -- checkpoints: no teacher, plus the iteration counter -----------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+            del state[key]
+        checkpoint["dmd_iteration"] = self.iteration
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.iteration = int(checkpoint.get("dmd_iteration", 0))
+        if self.teacher is not None:  # the teacher comes from its source, not the checkpoint
+            for key, value in self.teacher.state_dict().items():
+                checkpoint["state_dict"][TEACHER_PREFIX + key] = value
+
+    # -- the pieces of an iteration ------------------------------------------------------------------
+    def is_student_turn(self, iteration: int | None = None) -> bool:
+        return (self.iteration if iteration is None else iteration) % self.hparams.student_every == 0
+
+    def sample_t_dmd(self, n: int) -> torch.Tensor:
+        t = self.critic.sample_t(n, self.device)
+        self._times["t_dmd"].append(t.detach().cpu())
+        return t
+
+    def student_input(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_{t_i}, t_i, x1) with t_i uniform over the outer grid's points t_1..t_M: noised data, or
+        with `backward_simulation` the student's own no-grad sampler run from x1 down to t_i."""
+        grid = self.student.outer_grid().to(x.device)
+        index = torch.randint(len(grid) - 1, (len(x),), device=x.device)
+        t, noise = grid[index], torch.randn_like(x)
+        self._times["t_student"].append(t.cpu())
+        if not self.hparams.backward_simulation:
+            return interpolate(x, noise, t), t, noise
+        with torch.no_grad():
+            state, x_t = noise, noise.clone()
+            for step in range(int(index.max())):
+                ones = torch.ones(len(x), dtype=torch.float64, device=x.device)
+                state = self.student.outer_step(state, grid[step] * ones, grid[step + 1] * ones, context)
+                x_t = torch.where((index == step + 1).view(-1, *([1] * (x.ndim - 1))), state, x_t)
+        return x_t, t, noise
+
+    def student_sample(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x_hat = g_theta(x_{t_i}, t_i): the student's clean estimate (TMD: after the rollout)."""
+        x_t, t, noise = self.student_input(x, context)
+        return self.student.generate(x_t, t, context, noise=noise, rollout=self.hparams.rollout)
+
+    def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                   negative_context: torch.Tensor) -> torch.Tensor:
+        """The real score's x0 with CFG (one batched forward), without grad."""
+        with torch.no_grad():
+            v = self.teacher.guided_velocity(x_t, t, context, negative_context, self.hparams.guidance_scale)
+            return x_t - t.to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1))) * v
+
+    def discriminate(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Discriminator logits (B, heads) on the frozen teacher's block features of x_t."""
+        features = self.teacher.net.block_features(x_t, wan_timestep(t), context.to(x_t.dtype),
+                                                    self.discriminator.blocks)
+        return self.discriminator(features)
+
+    def clip_and_step(self, optimizer) -> dict[str, torch.Tensor]:
+        """Clip each parameter group (role) to `grad_clip`, step; returns the pre-clip gradient norms."""
+        norms = {}
+        for group in optimizer.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            max_norm = self.hparams.grad_clip if self.hparams.grad_clip else float("inf")
+            norms[group["name"]] = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        optimizer.step()
+        return norms
+
+    # -- the two updates -----------------------------------------------------------------------------
+    def student_update(self, batch: dict) -> dict[str, torch.Tensor]:
+        """VSD + lambda GAN through the student (TMD: through all N inner head steps)."""
+        hp = self.hparams
+        optimizer = self.optimizers()[0]
+        context, negative = batch["context"], batch["negative_context"]
+        with self.toggled_optimizer(optimizer):
+            x_hat = self.student_sample(batch["video"], context)
+            t = self.sample_t_dmd(len(x_hat))
+            x_hat_t = interpolate(x_hat, torch.randn_like(x_hat), t)
+            x0_teacher = self.teacher_x0(x_hat_t.detach(), t, context, negative)
+            with torch.no_grad():
+                x0_fake = self.critic.x0(x_hat_t.detach(), t, context)
+            vsd = vsd_loss(x_hat, x0_fake, x0_teacher)
+            loss, out = vsd, {"vsd": vsd.detach()}
+            if hp.gan_weight > 0:
+                gan = generator_gan_loss(self.discriminate(x_hat_t, t, context))
+                loss = loss + hp.gan_weight * gan
+                out["gan_generator"] = gan.detach()
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            norms = self.clip_and_step(optimizer)
+        self.student.update_ema()
+        direction = vsd_gradient(x_hat, x0_fake, x0_teacher)
+        out["vsd_grad_norm"] = direction.flatten(1).norm(dim=1).mean() / math.sqrt(direction[0].numel())
+        out["grad_norm_student"] = norms["student"]
+        out["student_loss"] = loss.detach()
+        return out
+
+    def critic_update(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Fake-score denoising on detached student samples + discriminator BCE, real and fake noised
+        at the same t and with the same noise."""
+        optimizer = self.optimizers()[1]
+        x, context = batch["video"], batch["context"]
+        with self.toggled_optimizer(optimizer):
+            with torch.no_grad():
+                x_hat = self.student_sample(x, context)
+            t = self.sample_t_dmd(len(x))
+            noise = torch.randn_like(x)
+            fake_score = self.critic.denoising_loss_on(x_hat, context, t, noise)
+            both = torch.cat([interpolate(x_hat, noise, t), interpolate(x, noise, t)])
+            logits = self.discriminate(both, torch.cat([t, t]), torch.cat([context, context]))
+            fake_logits, real_logits = logits.chunk(2)
+            disc = discriminator_loss(real_logits, fake_logits)
+            loss = fake_score + disc
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            norms = self.clip_and_step(optimizer)
+        accuracy = ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2
+        return {"fake_score_loss": fake_score.detach(), "discriminator_loss": disc.detach(),
+                "d_real_logit": real_logits.detach().mean(), "d_fake_logit": fake_logits.detach().mean(),
+                "d_accuracy": accuracy, "grad_norm_fake_score": norms["fake_score"],
+                "grad_norm_discriminator": norms["discriminator"], "critic_loss": loss.detach()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        """One iteration: the student's update or the critic's; returns its (detached) losses."""
+        out = self.student_update(batch) if self.is_student_turn() else self.critic_update(batch)
+        self.iteration += 1
+        for name, value in out.items():
+            self.log(f"train/{name}", value, prog_bar=name in ("vsd", "critic_loss"))
+        self.log("train/iteration", float(self.iteration))
+        if self.hparams.histogram_every and self.iteration % self.hparams.histogram_every == 0:
+            self.log_time_histograms()
+        return out
+
+    def log_time_histograms(self) -> None:
+        for name, values in self._times.items():
+            if values:
+                for logger in self.loggers:
+                    if isinstance(logger, TensorBoardLogger):
+                        logger.experiment.add_histogram(f"times/{name}", torch.cat(values), self.iteration)
+            values.clear()
