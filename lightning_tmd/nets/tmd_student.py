@@ -57,7 +57,7 @@ class GatedFusion(nn.Module):
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
         self.modulation = nn.Parameter(torch.randn(1, 3, dim) / dim**0.5)
-        self.gate_logit = nn.Parameter(torch.tensor(float(gate_init)))  # a
+        self.gate_logit = nn.Parameter(torch.tensor([float(gate_init)]))  # a, shape (1,): FSDP2 shards no scalars
 
     def forward(self, main: torch.Tensor, y_tokens: torch.Tensor, head_modulation: torch.Tensor) -> torch.Tensor:
         wide = torch.promote_types(y_tokens.dtype, torch.float32)  # norms and modulation in >= fp32
@@ -67,7 +67,13 @@ class GatedFusion(nn.Module):
 
     @property
     def gate(self) -> torch.Tensor:
-        return torch.sigmoid(self.gate_logit.detach())
+        return torch.sigmoid(self.gate_logit.detach()).squeeze(0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "gate_logit"
+        if key in state_dict and state_dict[key].ndim == 0:  # checkpoints that stored a as a scalar
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class ConcatFusion(nn.Module):
