@@ -3,9 +3,11 @@ its own) and a markdown report that carries the command reproducing it."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -25,3 +27,24 @@ def write_report(path: str | Path, title: str, command: str, body: str) -> str:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
     return text
+
+
+def benchmark_arguments(doc: str, steps: int, out: str) -> argparse.ArgumentParser:
+    """--steps, --out and the hidden --one (one case, in its own interpreter) of every benchmark."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    return parser
+
+
+def run_benchmark(script: str, args: argparse.Namespace, measure: Callable[[str, int], dict], cases: list[str],
+                  title: str, render: Callable[[list[dict]], str]) -> None:
+    """With --one, measure that case and print it as JSON; else measure every case in its own
+    interpreter and write the report."""
+    if args.one:
+        print(json.dumps(measure(args.one, args.steps)))
+        return
+    rows = measure_each(script, cases, args.steps)
+    command = f"python experiments/{Path(script).name} --steps {args.steps}"
+    print(write_report(args.out, title, command, render(rows)))

@@ -12,15 +12,13 @@ student starts from it, and the finite-difference d/ds is compared with the JVP 
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from benchmarking import measure_each, write_report
+from benchmarking import benchmark_arguments, run_benchmark
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = {  # name -> stage.module overrides
@@ -112,18 +110,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--out", default="experiments/results/stage1_speed.md")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(measure(args.one, args.steps)))
-        return
-    rows = measure_each(__file__, list(VARIANTS), args.steps)
-    command = f"python experiments/stage1_speed.py --steps {args.steps}"
+    args = benchmark_arguments(__doc__, 10, "experiments/results/stage1_speed.md").parse_args()
     note = "shapes_tmd_stage1: batch 8, 512 tokens, H = 2 of 6 blocks\n\n"
-    print(write_report(args.out, "Stage-1 speed on this machine", command, note + table(rows)))
+    run_benchmark(__file__, args, measure, list(VARIANTS), "Stage-1 speed on this machine",
+                  lambda rows: note + table(rows))
 
 
 if __name__ == "__main__":

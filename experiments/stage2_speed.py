@@ -15,15 +15,13 @@ student and critic iteration over `--steps` iterations of each kind after warm-u
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from benchmarking import measure_each, write_report
+from benchmarking import benchmark_arguments, run_benchmark
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = {"TMD M2 N2 (shapes_tmd)": "shapes_tmd", "DMD2-v M2 (shapes_dmd2v)": "shapes_dmd2v"}
@@ -156,19 +154,15 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6, help="timed student iterations (critic: 4x as many)")
-    parser.add_argument("--out", default="experiments/results/stage2_speed.md")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser = benchmark_arguments(__doc__, 6, "experiments/results/stage2_speed.md")
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(measure(args.one, args.steps)))
-        return
-    rows = measure_each(__file__, list(VARIANTS), args.steps)
-    command = f"python experiments/stage2_speed.py --steps {args.steps}"
-    note = (f"Stage 2 on the embedded teacher: batch 8, 512 tokens, {rows[0]['threads']} threads, random "
-            "weights (the cost does not depend on them); discriminator heads on teacher blocks 2, 4, 6.\n\n")
-    print(write_report(args.out, "Stage-2 speed on this machine", command, note + table(rows)))
+
+    def render(rows: list[dict]) -> str:
+        return (f"Stage 2 on the embedded teacher: batch 8, 512 tokens, {rows[0]['threads']} threads, random weights "
+                "(the cost does not depend on them); discriminator heads on teacher blocks 2, 4, 6; --steps timed "
+                "student iterations and 4x as many critic iterations.\n\n" + table(rows))
+
+    run_benchmark(__file__, args, measure, list(VARIANTS), "Stage-2 speed on this machine", render)
 
 
 if __name__ == "__main__":

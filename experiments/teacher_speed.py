@@ -10,15 +10,13 @@ cached text, the forward alone, and one 50-step CFG sample of 8 clips.
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from benchmarking import measure_each, write_report
+from benchmarking import benchmark_arguments, run_benchmark
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -94,18 +92,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_arguments(__doc__, 20, "experiments/results/teacher_speed.md")
     parser.add_argument("--experiments", nargs="+", default=["shapes_teacher", "shapes_smoke"])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", default="experiments/results/teacher_speed.md")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(measure(args.one, args.steps)))
-        return
-    rows = measure_each(__file__, args.experiments, args.steps)
-    command = f"python experiments/teacher_speed.py --steps {args.steps}"
-    print(write_report(args.out, "Teacher speed on this machine", command, table(rows)))
+    run_benchmark(__file__, args, measure, args.experiments, "Teacher speed on this machine", table)
 
 
 if __name__ == "__main__":
