@@ -5,6 +5,7 @@ Each error names the config field and the fix.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -105,6 +106,14 @@ def check_dmd(cfg: DictConfig, model: dict) -> None:
     if bad:
         raise ValueError(f"stage.module.discriminator.blocks {bad} are outside the teacher's blocks 1..{blocks}")
     student = module.student
+    from lightning_tmd.modules.dmd import STUDENTS
+
+    if student.kind not in STUDENTS:
+        raise ValueError(f"stage.module.student.kind '{student.kind}' is unknown: use one of {tuple(STUDENTS)}")
+    extra = sorted(set(student) - set(inspect.signature(STUDENTS[student.kind].__init__).parameters) - {"kind"})
+    if extra:
+        raise ValueError(f"stage.module.student: {extra} do not apply to the {student.kind} student; remove them "
+                         f"(~stage.module.student.{extra[0]})")
     if student.kind == "tmd":
         check_head_blocks(student.head_blocks, blocks, "stage.module.student.head_blocks")
     path = module.get("student_ckpt")

@@ -79,15 +79,19 @@ def test_schedule_checkpoint_and_exact_resume(smoke_checkpoint, smoke_student_ch
         assert torch.equal(again.teacher.net.state_dict()[name], value), name
 
 
-def test_dmd_checkpoint_samples_without_the_teacher(smoke_checkpoint, smoke_student_checkpoint, tmp_path):
-    train(dmd_cfg(tmp_path, smoke_checkpoint, smoke_student_checkpoint, "trainer.max_steps=2",
-                  "callbacks.checkpoint.every_n_train_steps=2"))
+@pytest.mark.parametrize(("kind", "nfe"), [("tmd", 2 * (1 + 1 / 2)), ("one_pass", 2.0)])
+def test_dmd_checkpoint_samples_without_the_teacher(kind, nfe, smoke_checkpoint, smoke_student_checkpoint, tmp_path):
+    student = smoke_student_checkpoint if kind == "tmd" else smoke_checkpoint
+    other_kind = [] if kind == "tmd" else ["~stage.module.student.head_blocks"]  # the smoke experiment sets H
+    train(dmd_cfg(tmp_path, smoke_checkpoint, student, "trainer.max_steps=2", *other_kind,
+                  f"stage/student@stage.module.student={kind}", "callbacks.checkpoint.every_n_train_steps=2"))
     loaded = load_generator(tmp_path / "checkpoints" / "last.ckpt")
     assert isinstance(loaded.module, DMDModule) and loaded.module.teacher is None
+    assert loaded.module.hparams.student["kind"] == kind
     context = loaded.prompts(["a red circle moving up"]).states
-    clips, nfe = loaded.module.sample(context, noise=torch.randn(1, *loaded.clip_shape), outer_steps=2,
+    clips, got = loaded.module.sample(context, noise=torch.randn(1, *loaded.clip_shape), outer_steps=2,
                                       inner_steps=2)
-    assert clips.shape == (1, *loaded.clip_shape) and nfe == pytest.approx(2 * (1 + 1 / 2))
+    assert clips.shape == (1, *loaded.clip_shape) and got == pytest.approx(nfe)
 
 
 def tiny_dmd(**kwargs) -> DMDModule:
@@ -206,7 +210,9 @@ def test_kd_warmup_generates_caches_and_regresses_teacher_pairs(smoke_checkpoint
         (["stage.module.teacher_ckpt=null"], ValueError, "teacher_ckpt is null"),
         (["stage.module.student.inner_steps=4"], ValueError, "inner_steps=4"),
         (["stage.module.discriminator.blocks=[1,3]"], ValueError, "discriminator.blocks"),
-        (["stage/student@stage.module.student=one_pass"], ValueError, "holds a tmd student"),
+        (["stage/student@stage.module.student=one_pass", "~stage.module.student.head_blocks"], ValueError,
+         "holds a tmd student"),
+        (["stage/student@stage.module.student=one_pass"], ValueError, r"\['head_blocks'\] do not apply"),
     ],
 )
 def test_bad_stage2_config_fails_before_training(smoke_checkpoint, smoke_student_checkpoint, tmp_path, overrides,

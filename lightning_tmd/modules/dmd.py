@@ -71,14 +71,14 @@ class DMDModule(L.LightningModule):
                  grad_clip: float | None = 1.0, histogram_every: int = 100) -> None:
         super().__init__()
         self.automatic_optimization = False
-        student = dict(student)
-        kind = student.pop("kind", "tmd")
+        student_args = dict(student)
+        kind = student_args.pop("kind", "tmd")
         if kind not in STUDENTS:
             raise ValueError(f"stage.module.student.kind '{kind}' is unknown: use one of {tuple(STUDENTS)}")
         if student_every < 2:
             raise ValueError(f"stage.module.student_every={student_every}: use >= 2 so the critic updates too")
         self.save_hyperparameters()
-        self.student = STUDENTS[kind](model=model, **student)
+        self.student = STUDENTS[kind](model=model, **student_args)
         self.critic = CriticModule(model, t_shift=t_shift)
         net = self.critic.net
         settings = dict(discriminator or {"blocks": [net.num_blocks]})
