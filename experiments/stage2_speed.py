@@ -43,6 +43,7 @@ def measure(variant: str, steps: int) -> dict:
     from hydra.utils import instantiate
 
     from lightning_tmd.losses import discriminator_loss, generator_gan_loss
+    from lightning_tmd.nets.wan import wan_timestep
     from lightning_tmd.schedules import interpolate
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -100,7 +101,7 @@ def measure(variant: str, steps: int) -> dict:
     def gan_critic():
         with torch.no_grad():
             features = module.teacher.net.block_features(torch.cat([x_hat_t, interpolate(x, noise, t)]),
-                                                         1000 * torch.cat([t, t]).float(),
+                                                         wan_timestep(torch.cat([t, t])),
                                                          torch.cat([context, context]), module.discriminator.blocks)
         fake, real = module.discriminator(features).chunk(2)
         discriminator_loss(real, fake).backward()

@@ -62,11 +62,15 @@ def vsd_gradient(x_hat: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.T
 
 
 def vsd_loss(x_hat: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Variational score distillation (DMD): loss = 0.5 * mse(x_hat, sg(x_hat - grad)) with
-    grad = `vsd_gradient`, so d loss / d x_hat = grad / numel: the student moves along the teacher's
-    minus the fake score."""
+    """Variational score distillation (DMD) along `vsd_gradient` (see `vsd_loss_along`)."""
+    return vsd_loss_along(x_hat, vsd_gradient(x_hat, x0_fake, x0_teacher, eps))
+
+
+def vsd_loss_along(x_hat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5 * mse(x_hat, sg(x_hat - grad)) in fp32, so d loss / d x_hat = grad / numel: the student
+    moves along the teacher's minus the fake score."""
     x_hat32 = x_hat.float()
-    return 0.5 * F.mse_loss(x_hat32, x_hat32.detach() - vsd_gradient(x_hat, x0_fake, x0_teacher, eps))
+    return 0.5 * F.mse_loss(x_hat32, x_hat32.detach() - grad)
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,10 @@ class GeneratorModule(L.LightningModule):
             self.ema.module.load_state_dict(self.net.state_dict())
             self.ema.n_averaged.zero_()
 
+    def load_teacher(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Start from a teacher's `WanNet` weights (a net that is a `WanNet`; others override)."""
+        self.load_weights(state_dict)
+
     def sampling_net(self) -> nn.Module:
         """The EMA weights when kept, else the raw weights."""
         return self.ema.module if self.ema is not None else self.net

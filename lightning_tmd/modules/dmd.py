@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-from lightning_tmd.losses import discriminator_loss, generator_gan_loss, vsd_gradient, vsd_loss
+from lightning_tmd.losses import discriminator_loss, generator_gan_loss, vsd_gradient, vsd_loss_along
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.modules.critic import CriticModule
 from lightning_tmd.modules.one_pass import OnePassStudent
@@ -27,7 +27,7 @@ from lightning_tmd.modules.student import StudentModule
 from lightning_tmd.modules.teacher import TeacherModule, sampling_state_dict
 from lightning_tmd.nets.discriminator import Discriminator
 from lightning_tmd.nets.wan import wan_timestep
-from lightning_tmd.schedules import interpolate
+from lightning_tmd.schedules import broadcast_time, interpolate
 
 STUDENTS: dict[str, type[GeneratorModule]] = {"tmd": StudentModule, "one_pass": OnePassStudent}
 TEACHER_PREFIX = "teacher."
@@ -100,31 +100,23 @@ class DMDModule(L.LightningModule):
         return self.student.effective_nfe(*args, **kwargs)
 
     # -- models ----------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        """Start from the student checkpoint and a teacher-initialised critic (a resumed run's
-        checkpoint then overrides both)."""
-        if stage != "fit":
-            return
-        hp = self.hparams
-        if hp.teacher_ckpt:
-            teacher_weights = sampling_state_dict(hp.teacher_ckpt)
-            self.critic.net.load_state_dict(teacher_weights)
-        if hp.student_ckpt:
-            self.student.load_weights(sampling_state_dict(hp.student_ckpt))
-        elif hp.teacher_ckpt:
-            target = self.student.net.wan if isinstance(self.student, StudentModule) else self.student.net
-            target.load_state_dict(teacher_weights)
-            self.student.load_weights(self.student.net.state_dict())
-
     def configure_model(self) -> None:
-        """The frozen real score, built for fitting only (not to sample from a checkpoint): eval mode,
-        no grad, in no optimizer."""
+        """For fitting only (not to sample from a checkpoint): the frozen real score (eval mode, no
+        grad, in no optimizer), a teacher-initialised critic and the student's starting weights, with
+        the teacher checkpoint read once. A resumed run's checkpoint then overrides critic and student."""
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         if self.teacher is not None or not fitting:
             return
-        teacher = TeacherModule(self.hparams.model, ema_decay=None)
-        if self.hparams.teacher_ckpt:
-            teacher.net.load_state_dict(sampling_state_dict(self.hparams.teacher_ckpt))
+        hp = self.hparams
+        teacher = TeacherModule(hp.model, ema_decay=None)
+        teacher_weights = sampling_state_dict(hp.teacher_ckpt) if hp.teacher_ckpt else None
+        if teacher_weights is not None:  # else model.path's weights are already in all three
+            teacher.net.load_state_dict(teacher_weights)
+            self.critic.net.load_state_dict(teacher_weights)
+        if hp.student_ckpt:
+            self.student.load_weights(sampling_state_dict(hp.student_ckpt))
+        elif teacher_weights is not None:
+            self.student.load_teacher(teacher_weights)
         self.teacher = teacher.eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> DMDModule:
@@ -163,8 +155,8 @@ class DMDModule(L.LightningModule):
                 checkpoint["state_dict"][TEACHER_PREFIX + key] = value
 
     # -- the pieces of an iteration ------------------------------------------------------------------
-    def is_student_turn(self, iteration: int | None = None) -> bool:
-        return (self.iteration if iteration is None else iteration) % self.hparams.student_every == 0
+    def is_student_turn(self) -> bool:
+        return self.iteration % self.hparams.student_every == 0
 
     def sample_t_dmd(self, n: int) -> torch.Tensor:
         t = self.critic.sample_t(n, self.device)
@@ -182,8 +174,8 @@ class DMDModule(L.LightningModule):
             return interpolate(x, noise, t), t, noise
         with torch.no_grad():
             state, x_t = noise, noise.clone()
+            ones = torch.ones(len(x), dtype=torch.float64, device=x.device)
             for step in range(int(index.max())):
-                ones = torch.ones(len(x), dtype=torch.float64, device=x.device)
                 state = self.student.outer_step(state, grid[step] * ones, grid[step + 1] * ones, context)
                 x_t = torch.where((index == step + 1).view(-1, *([1] * (x.ndim - 1))), state, x_t)
         return x_t, t, noise
@@ -198,7 +190,7 @@ class DMDModule(L.LightningModule):
         """The real score's x0 with CFG (one batched forward), without grad."""
         with torch.no_grad():
             v = self.teacher.guided_velocity(x_t, t, context, negative_context, self.hparams.guidance_scale)
-            return x_t - t.to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1))) * v
+            return x_t - broadcast_time(t, x_t) * v
 
     def discriminate(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Discriminator logits (B, heads) on the frozen teacher's block features of x_t."""
@@ -209,9 +201,9 @@ class DMDModule(L.LightningModule):
     def clip_and_step(self, optimizer) -> dict[str, torch.Tensor]:
         """Clip each parameter group (role) to `grad_clip`, step; returns the pre-clip gradient norms."""
         norms = {}
+        max_norm = self.hparams.grad_clip or float("inf")
         for group in optimizer.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            max_norm = self.hparams.grad_clip if self.hparams.grad_clip else float("inf")
             norms[group["name"]] = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
         optimizer.step()
         return norms
@@ -229,7 +221,8 @@ class DMDModule(L.LightningModule):
             x0_teacher = self.teacher_x0(x_hat_t.detach(), t, context, negative)
             with torch.no_grad():
                 x0_fake = self.critic.x0(x_hat_t.detach(), t, context)
-            vsd = vsd_loss(x_hat, x0_fake, x0_teacher)
+            direction = vsd_gradient(x_hat, x0_fake, x0_teacher)
+            vsd = vsd_loss_along(x_hat, direction)
             loss, out = vsd, {"vsd": vsd.detach()}
             if hp.gan_weight > 0:
                 gan = generator_gan_loss(self.discriminate(x_hat_t, t, context))
@@ -239,7 +232,6 @@ class DMDModule(L.LightningModule):
             self.manual_backward(loss)
             norms = self.clip_and_step(optimizer)
         self.student.update_ema()
-        direction = vsd_gradient(x_hat, x0_fake, x0_teacher)
         out["vsd_grad_norm"] = direction.flatten(1).norm(dim=1).mean() / math.sqrt(direction[0].numel())
         out["grad_norm_student"] = norms["student"]
         out["student_loss"] = loss.detach()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.modules.teacher import sampling_state_dict
 from lightning_tmd.nets.wan import WanNet
-from lightning_tmd.schedules import shifted_grid
+from lightning_tmd.schedules import broadcast_time, shifted_grid
 
 
 class OnePassStudent(GeneratorModule):
@@ -40,7 +40,7 @@ class OnePassStudent(GeneratorModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.teacher_ckpt:
-            self.load_weights(sampling_state_dict(self.hparams.teacher_ckpt))
+            self.load_teacher(sampling_state_dict(self.hparams.teacher_ckpt))
 
     def outer_grid(self, steps: int | None = None, shift: float | None = None) -> torch.Tensor:
         hp = self.hparams
@@ -59,7 +59,7 @@ class OnePassStudent(GeneratorModule):
     def outer_step(self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, context: torch.Tensor,
                    net: WanNet | None = None) -> torch.Tensor:
         """Eq. 18: x_{t'} = (1 - t'/t) g(x_t, t) + (t'/t) x_t (re-uses the implied noise, no re-noising)."""
-        ratio = (t_next / t).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+        ratio = broadcast_time(t_next / t, x_t)
         return (1 - ratio) * self.generate(x_t, t, context, net=net) + ratio * x_t
 
     @torch.no_grad()

@@ -76,9 +76,12 @@ class StudentModule(GeneratorModule):
     def setup(self, stage: str) -> None:
         """Start fitting from the teacher's weights (a resumed run's checkpoint then overrides them)."""
         if stage == "fit" and self.hparams.teacher_ckpt:
-            self.net.wan.load_state_dict(sampling_state_dict(self.hparams.teacher_ckpt))
-            if self.ema is not None:
-                self.ema.module.load_state_dict(self.net.state_dict())
+            self.load_teacher(sampling_state_dict(self.hparams.teacher_ckpt))
+
+    def load_teacher(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """The teacher's weights into the student's Wan (fusion and gap embedding keep their init)."""
+        self.net.wan.load_state_dict(state_dict)
+        self.load_weights(self.net.state_dict())
 
     # -- sampling ----------------------------------------------------------------------------
     @torch.no_grad()

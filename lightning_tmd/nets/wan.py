@@ -23,6 +23,8 @@ from diffusers import WanTransformer3DModel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_tmd.schedules import broadcast_time
+
 WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.safetensors.index.json",
@@ -236,7 +238,7 @@ class WanNet(nn.Module):
 
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The clean estimate x0 = x_t - t v(x_t, t, c) (Eq. 17)."""
-        return x_t - t.to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1))) * self.velocity(x_t, t, context)
+        return x_t - broadcast_time(t, x_t) * self.velocity(x_t, t, context)
 
     def block_features(
         self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, blocks: list[int]
