@@ -1,5 +1,6 @@
-"""Load a trained generator (any stage's checkpoint) with what it needs to sample: its prompt
-encoder and clip shape, rebuilt from the run config stored in the checkpoint."""
+"""Load a trained generator with what it needs to sample: its prompt encoder and clip shape. From any
+stage's Lightning checkpoint (rebuilt from the run config stored in it), or from a folder written by
+`python -m lightning_tmd.export` (a `TMDPipeline`)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from lightning_tmd.nets.text import PromptEncoder
+from lightning_tmd.nets.text import PromptEncoder, TextEmbedding, TextEncoder
 
 
 @dataclass
 class LoadedGenerator:
-    module: L.LightningModule
+    module: Any  # a LightningModule, or a TMDPipeline; both have `sample(context, negative_context, noise=...)`
     prompts: PromptEncoder
     clip_shape: tuple[int, ...]
     config: dict[str, Any]
@@ -36,18 +36,63 @@ def run_config(checkpoint: dict, path: Path) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def clip_shape(config: dict[str, Any], channels: int) -> tuple[int, ...]:
+    """(C, T, H, W) of the run's training clips: shapes data (frames, size), or latent shards
+    (data.expected_latent_shape, else the shape in the shards' meta.json)."""
+    data = config["data"]
+    if "frames" in data and "size" in data:
+        return channels, data["frames"], data["size"], data["size"]
+    if data.get("expected_latent_shape"):
+        return tuple(data["expected_latent_shape"])
+    if data.get("path"):
+        from lightning_tmd.data.latents import read_meta
+
+        return tuple(read_meta(data["path"])["latent_shape"])
+    raise ValueError("the run config's data group gives no clip shape (frames and size, or a latents folder)")
+
+
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> LoadedGenerator:
-    """Module (eval mode), prompt encoder and clip shape from a Lightning checkpoint."""
+    """Module (eval mode), prompt encoder and clip shape from a Lightning checkpoint or an exported folder."""
     path = Path(path)
+    if path.is_dir():
+        return load_exported(path, device)
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt: no checkpoint file at '{path}'")
+        raise FileNotFoundError(f"ckpt: no checkpoint file or exported folder at '{path}'")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     config = run_config(checkpoint, path)
     module_class = get_class(config["stage"]["module"]["_target_"])
     module = module_class.load_from_checkpoint(path, map_location=device).eval()
     text = config["text"]
     prompts = PromptEncoder(instantiate(text["encoder"]), text["negative_prompt"])
-    data = config["data"]
-    channels = module.net.config.in_channels
-    clip_shape = (channels, data["frames"], data["size"], data["size"])
-    return LoadedGenerator(module, prompts, clip_shape, config, path)
+    return LoadedGenerator(module, prompts, clip_shape(config, module.net.config.in_channels), config, path)
+
+
+class PipelineTextEncoder(TextEncoder):
+    """The prompt embedding of an exported pipeline behind the project's `TextEncoder` interface."""
+
+    def __init__(self, pipe: Any) -> None:
+        super().__init__()
+        text = pipe.student.config.text
+        self.pipe, self.dim, self.max_length = pipe, text["dim"], text["max_length"]
+
+    def forward(self, captions: list[str]) -> TextEmbedding:
+        return self.pipe.embed_prompts(captions)
+
+
+def load_exported(path: Path, device: str | torch.device = "cpu") -> LoadedGenerator:
+    """A folder written by `lightning_tmd.export`: its `TMDPipeline` (VAE-decoded clips when it has a
+    VAE), the prompt encoder of its text encoder and the training clips' shape."""
+    from lightning_tmd.diffusers_pipeline import RUN_CONFIG_FILE, TMDPipeline
+
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"ckpt: the folder '{path}' has no model_index.json: give a Lightning checkpoint "
+                                "file or a folder written by `python -m lightning_tmd.export`")
+    pipe = TMDPipeline.from_pretrained(path).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if not pipe.has_text_encoder:
+        raise ValueError(f"ckpt: the exported folder '{path}' has no text encoder to embed prompts with: export "
+                         "it again with text_encoder=true")
+    prompts = PromptEncoder(PipelineTextEncoder(pipe), pipe.negative_prompt)
+    run_file = path / RUN_CONFIG_FILE
+    config = OmegaConf.to_container(OmegaConf.load(run_file)) if run_file.is_file() else {}
+    return LoadedGenerator(pipe, prompts, tuple(pipe.student.config.sample_shape), config, path)

@@ -1,6 +1,7 @@
-"""Sample videos from a checkpoint: a GIF/MP4 per prompt, one grid image, and `samples.pt`.
+"""Sample videos from a checkpoint or an exported folder: a GIF/MP4 per prompt, one grid image, and `samples.pt`.
 
     python -m lightning_tmd.sample ckpt=runs/shapes_teacher/main/checkpoints/last.ckpt seeds='[0,1,2,3]'
+    python -m lightning_tmd.sample ckpt=exports/shapes_tmd +sampler.outer_steps=2 +sampler.inner_steps=4
 
 `samples.pt` holds {"videos": uint8 (N, T, H, W, C), "prompts", "seeds", "sampler", "nfe", "ckpt"}.
 """

@@ -8,9 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_tmd.schedules import broadcast_time
+
 if TYPE_CHECKING:
     from lightning_tmd.nets.text import PromptEncoder
     from lightning_tmd.nets.tmd_student import TMDStudent
+    from lightning_tmd.nets.wan import WanNet
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t (B,)) -> velocity
 
@@ -60,6 +63,22 @@ def tmd_step(student: TMDStudent, x_t: torch.Tensor, t: torch.Tensor, t_next: to
     y1 = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
     y_hat = student.rollout(main, y1, inner_grid)
     return student.transition(x_t, t, t_next, y_hat).to(x_t.dtype)
+
+
+def noise_seeded_generator(noise: torch.Tensor, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by the outer noise itself: the inner noise of a TMD sample run without a
+    generator, so that a given starting noise always gives the same clips."""
+    seed = int(noise.detach().double().abs().sum().item() * 1e3) % 2**62
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@torch.no_grad()
+def one_pass_step(net: WanNet, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                  context: torch.Tensor) -> torch.Tensor:
+    """Eq. 18, the one-pass (DMD2-v) student's outer step: x_{t'} = (1 - t'/t) g(x_t, t) + (t'/t) x_t
+    with g = x_t - t v(x_t, t) (Eq. 17); re-uses the implied noise, no re-noising."""
+    ratio = broadcast_time(t_next / t, x_t)
+    return (1 - ratio) * net.x0(x_t, t, context) + ratio * x_t
 
 
 def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:

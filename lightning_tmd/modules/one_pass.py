@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.modules.teacher import sampling_state_dict
 from lightning_tmd.nets.wan import WanNet
-from lightning_tmd.schedules import broadcast_time, shifted_grid
+from lightning_tmd.sampling import one_pass_step
+from lightning_tmd.schedules import shifted_grid
 
 
 class OnePassStudent(GeneratorModule):
@@ -59,8 +60,7 @@ class OnePassStudent(GeneratorModule):
     def outer_step(self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, context: torch.Tensor,
                    net: WanNet | None = None) -> torch.Tensor:
         """Eq. 18: x_{t'} = (1 - t'/t) g(x_t, t) + (t'/t) x_t (re-uses the implied noise, no re-noising)."""
-        ratio = broadcast_time(t_next / t, x_t)
-        return (1 - ratio) * self.generate(x_t, t, context, net=net) + ratio * x_t
+        return one_pass_step(net or self.net, x_t, t, t_next, context)
 
     @torch.no_grad()
     def sample(self, context: torch.Tensor, negative_context: torch.Tensor | None = None,

@@ -127,6 +127,12 @@ class TeacherModule(GeneratorModule):
 def sampling_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The weights of `module.net` that a checkpoint samples with: its EMA when kept, else the raw net
     (a teacher's `WanNet`, a stage-1 student's `TMDStudent`, ...)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
+    return sampling_weights(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+
+
+def sampling_weights(state: dict[str, torch.Tensor], module: str = "") -> dict[str, torch.Tensor]:
+    """The sampling weights of the generator module at `module` (e.g. "student." in a stage-2 state
+    dict): its `ema.module.*` when kept, else its `net.*`, with that prefix removed."""
+    ema = f"{module}ema.module."
+    prefix = ema if any(k.startswith(ema) for k in state) else f"{module}net."
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -134,17 +134,20 @@ class PretrainedTextEncoder(TextEncoder):
         self.max_length = max_length
         self.requires_grad_(False).eval()
 
-    @torch.no_grad()
     def forward(self, captions: list[str]) -> TextEmbedding:
-        batch = self.tokenizer(
-            list(captions), padding="max_length", truncation=True, max_length=self.max_length,
-            return_tensors="pt",
-        )
-        device = next(self.model.parameters()).device
-        mask = batch["attention_mask"].to(device)
-        states = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
-        mask = mask.bool()
-        return TextEmbedding((states * mask[..., None]).float().cpu(), mask.cpu())
+        return encode_with_transformers(self.tokenizer, self.model, captions, self.max_length)
+
+
+@torch.no_grad()
+def encode_with_transformers(tokenizer, model: nn.Module, captions: list[str], max_length: int) -> TextEmbedding:
+    """Token states of a transformers encoder, padded to `max_length`, zero after the last token (fp32, CPU)."""
+    batch = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_length,
+                      return_tensors="pt")
+    device = next(model.parameters()).device
+    mask = batch["attention_mask"].to(device)
+    states = model(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
+    mask = mask.bool()
+    return TextEmbedding((states * mask[..., None]).float().cpu(), mask.cpu())
 
 
 def minilm_folder() -> Path:
