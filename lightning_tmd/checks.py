@@ -16,6 +16,10 @@ from lightning_tmd.nets.wan import transformer_config
 
 def model_settings(cfg: DictConfig) -> dict:
     """The transformer's config: read from `model.path` when set (no weights loaded), else `model.config`."""
+    if OmegaConf.is_missing(cfg.model, "path"):
+        raise ValueError(f"model.path is required for model={cfg.model.get('name')}: point it at a local diffusers "
+                         "folder with the layout of the official Wan2.1-T2V-*-Diffusers repositories (transformer/, "
+                         "vae/, text_encoder/, tokenizer/); weights are never downloaded")
     if cfg.model.get("path"):
         return transformer_config(cfg.model.path)
     return dict(cfg.model.config)
@@ -38,8 +42,12 @@ def check_config(cfg: DictConfig) -> None:
             "text.negative_prompt is missing: set it (Wan's official negative prompt for Wan configs, "
             "'' for the shapes benchmark)"
         )
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path: no checkpoint file at '{cfg.ckpt_path}'")
+    if str(cfg.data.get("_target_", "")).endswith(".LatentsDataModule"):
+        from lightning_tmd.data.latents import check_latents_fit_model
+
+        check_latents_fit_model(cfg.data.path, model)
+    if cfg.get("ckpt_path") and not is_checkpoint(cfg.ckpt_path):
+        raise FileNotFoundError(f"ckpt_path: no checkpoint file (or sharded checkpoint folder) at '{cfg.ckpt_path}'")
     stage = cfg.stage.get("name")
     if stage == "tm":
         check_student(cfg, model)
@@ -47,6 +55,17 @@ def check_config(cfg: DictConfig) -> None:
         check_dmd(cfg, model)
     elif stage == "kd":
         check_kd(cfg)
+
+
+def is_checkpoint(path: str) -> bool:
+    """A Lightning checkpoint file, or the folder of a sharded one (strategy=fsdp; it holds meta.pt)."""
+    return Path(path).is_file() or (Path(path) / "meta.pt").is_file()
+
+
+def check_not_sharded(field: str, path: str) -> None:
+    if (Path(path) / "meta.pt").is_file():
+        raise ValueError(f"{field}: '{path}' is a sharded (strategy=fsdp) checkpoint folder; convert it to one file "
+                         f"first: python -m lightning.pytorch.utilities.consolidate_checkpoint {path}")
 
 
 TRAIN_TEACHER = "python -m lightning_tmd.train stage=teacher experiment=shapes_teacher"
@@ -67,6 +86,7 @@ def check_teacher_source(cfg: DictConfig, field: str, path: str | None) -> None:
 def check_matching_checkpoint(cfg: DictConfig, field: str, path: str, hint: str) -> dict:
     """The checkpoint at `path` exists and was trained with this run's model, text encoder and
     negative prompt; returns it (loaded on the CPU)."""
+    check_not_sharded(field, path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"{field}: no checkpoint file at '{path}'. {hint}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def warmup_then_decay(warmup_steps: int, schedule: str, total_steps: int | None,
@@ -35,6 +36,9 @@ def ema_with_warmup(decay: float) -> Callable[[list[torch.Tensor], list[torch.Te
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         n = float(num_averaged)
         weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
-        torch._foreach_lerp_(averaged, current, weight)
+        for sharded in (False, True):  # FSDP: sharded parameters and plain buffers in separate foreach calls
+            pairs = [(a, c) for a, c in zip(averaged, current) if isinstance(a, DTensor) == sharded]
+            if pairs:
+                torch._foreach_lerp_([a for a, _ in pairs], [c for _, c in pairs], weight)
 
     return update

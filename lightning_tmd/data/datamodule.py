@@ -15,35 +15,58 @@ from lightning_tmd.nets.text import PromptEncoder, TextEncoder
 VAL_START = 1 << 40  # global index of the first validation clip: splits never overlap
 
 
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class _EpochPermutation(Sampler[int]):
-    """A seeded permutation per epoch, starting after the batches its loader has already served."""
+    """A seeded permutation per epoch, starting after the batches its loader has already served.
+
+    With several processes the permutation is cut into global batches of `batch_size * world` clips
+    and each rank takes its contiguous share of every global batch: together the ranks see exactly the
+    batches a single process with the global batch size would see.
+    """
 
     def __init__(self, loader: ResumableLoader) -> None:
         self.loader = loader
 
     def __len__(self) -> int:
-        return len(self.loader.dataset)
+        return self.loader.batches_per_epoch * self.loader.batch_size
 
     def __iter__(self) -> Iterator[int]:
         loader = self.loader
         g = torch.Generator().manual_seed(loader.seed * 1_000_003 + loader.epoch)
         order = torch.randperm(len(loader.dataset), generator=g)
-        yield from order[loader.batches_done * loader.batch_size :].tolist()
+        rank, world = loader.rank_and_world()
+        size = loader.batch_size
+        batches = order[: loader.batches_per_epoch * size * world].view(-1, world, size)
+        yield from batches[loader.batches_done :, rank].flatten().tolist()
 
 
 class ResumableLoader(DataLoader):
     """A shuffling DataLoader that Lightning checkpoints (`state_dict` / `load_state_dict`):
-    a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    a resumed run sees exactly the batches the uninterrupted run would have seen.
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, **kwargs: Any) -> None:
-        self.seed, self.epoch, self.batches_done = seed, 0, 0
+    Under data parallelism `batch_size` is per process and each rank reads its share of the global
+    batch (`shard=False`: every rank reads the same batches, for checks). Use it with the trainer's
+    `use_distributed_sampler=False`: it shards itself.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shard: bool = True, **kwargs: Any) -> None:
+        self.seed, self.epoch, self.batches_done, self.shard = seed, 0, 0, shard
         # an own generator: creating an iterator draws a base seed, which must not touch the global RNG
         super().__init__(dataset, batch_size=batch_size, sampler=_EpochPermutation(self), drop_last=True,
                          generator=torch.Generator().manual_seed(seed), **kwargs)
 
+    def rank_and_world(self) -> tuple[int, int]:
+        return process_rank() if self.shard else (0, 1)
+
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.dataset) // self.batch_size
+        return len(self.dataset) // (self.batch_size * self.rank_and_world()[1])
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.batches_done if not self.epoch_served else self.batches_per_epoch
@@ -80,19 +103,19 @@ class ShapesDataModule(L.LightningDataModule):
     def __init__(self, text_encoder: TextEncoder | None, negative_prompt: str | None = "", frames: int = 8,
                  size: int = 32, max_objects: int = 2, num_train: int = 1_000_000, num_val: int = 256,
                  batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, shard: bool = True) -> None:
         super().__init__()
         self.prompts = PromptEncoder(text_encoder, negative_prompt) if text_encoder is not None else None
         clip = dict(seed=seed, frames=frames, size=size, max_objects=max_objects)
         self.train_set = ShapesDataset(num_train, start=0, **clip)
         self.val_set = ShapesDataset(num_val, start=VAL_START, **clip)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.shard = num_workers, seed, shard
         self.clip_shape = (3, frames, size, size)
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableLoader(self.train_set, self.batch_size, seed=self.seed, num_workers=self.num_workers,
-                               persistent_workers=self.num_workers > 0)
+        return ResumableLoader(self.train_set, self.batch_size, seed=self.seed, shard=self.shard,
+                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers,

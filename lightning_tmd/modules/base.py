@@ -11,6 +11,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from lightning_tmd.optim import ema_with_warmup, warmup_then_decay
+from lightning_tmd.parallel import reshard, shard_for_strategy
 
 
 class GeneratorModule(L.LightningModule):
@@ -28,6 +29,10 @@ class GeneratorModule(L.LightningModule):
         self.ema = AveragedModel(self.net, multi_avg_fn=ema_with_warmup(decay), use_buffers=True) if decay else None
         if self.ema is not None:
             self.ema.requires_grad_(False)
+
+    def configure_model(self) -> None:
+        """Under `strategy=fsdp` (Lightning's ModelParallelStrategy): FSDP2-shard the nets."""
+        shard_for_strategy(self)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load `self.net`'s weights and restart the EMA from them."""
@@ -58,6 +63,7 @@ class GeneratorModule(L.LightningModule):
 
     def update_ema(self) -> None:
         if self.ema is not None:
+            reshard(self.net)  # under FSDP: average the sharded weights
             self.ema.update_parameters(self.net)
 
     def configure_optimizers(self):

@@ -27,6 +27,7 @@ from lightning_tmd.modules.student import StudentModule
 from lightning_tmd.modules.teacher import TeacherModule, sampling_state_dict
 from lightning_tmd.nets.discriminator import Discriminator
 from lightning_tmd.nets.wan import wan_timestep
+from lightning_tmd.parallel import full_value, shard_for_strategy
 from lightning_tmd.schedules import broadcast_time, interpolate
 
 STUDENTS: dict[str, type[GeneratorModule]] = {"tmd": StudentModule, "one_pass": OnePassStudent}
@@ -55,6 +56,8 @@ class DMDModule(L.LightningModule):
         lr_student, lr_critic, lr_discriminator, betas, weight_decay, adam_eps: AdamW per role.
         grad_clip: max gradient norm of each role (None: no clipping).
         histogram_every: iterations between TensorBoard histograms of t_dmd and t_student.
+        teacher_dtype: dtype of the frozen teacher's weights (e.g. "bfloat16" beside fp32 trained roles:
+            half its memory; needs trainer.precision=bf16-mixed). None: the model's dtype.
 
     Optimizers: the student's, and the critic's, whose two parameter groups are the fake score and
     the discriminator (each with its own learning rate and its own clipping). They step together on
@@ -68,7 +71,7 @@ class DMDModule(L.LightningModule):
                  t_shift: float = 5.0, rollout: bool = True, backward_simulation: bool = False,
                  lr_student: float = 1e-5, lr_critic: float = 1e-5, lr_discriminator: float = 1e-5,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01, adam_eps: float = 1e-8,
-                 grad_clip: float | None = 1.0, histogram_every: int = 100) -> None:
+                 grad_clip: float | None = 1.0, histogram_every: int = 100, teacher_dtype: str | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         student_args = dict(student)
@@ -106,6 +109,7 @@ class DMDModule(L.LightningModule):
         the teacher checkpoint read once. A resumed run's checkpoint then overrides critic and student."""
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         if self.teacher is not None or not fitting:
+            shard_for_strategy(self)
             return
         hp = self.hparams
         teacher = TeacherModule(hp.model, ema_decay=None)
@@ -117,7 +121,10 @@ class DMDModule(L.LightningModule):
             self.student.load_weights(sampling_state_dict(hp.student_ckpt))
         elif teacher_weights is not None:
             self.student.load_teacher(teacher_weights)
+        if hp.teacher_dtype:
+            teacher.net.cast(getattr(torch, hp.teacher_dtype))
         self.teacher = teacher.eval().requires_grad_(False)
+        shard_for_strategy(self)
 
     def train(self, mode: bool = True) -> DMDModule:
         super().train(mode)
@@ -140,19 +147,33 @@ class DMDModule(L.LightningModule):
         if "16" in str(self.trainer.precision) and "bf16" not in str(self.trainer.precision):
             raise ValueError(f"trainer.precision={self.trainer.precision}: stage 2 clips each role's gradients "
                              "without a loss scaler; use 32-true or bf16-mixed")
+        if self.hparams.teacher_dtype not in (None, "float32") and "mixed" not in str(self.trainer.precision):
+            raise ValueError(f"stage.module.teacher_dtype={self.hparams.teacher_dtype} needs autocast: set "
+                             "trainer.precision=bf16-mixed (or teacher_dtype=null)")
 
     # -- checkpoints: no teacher, plus the iteration counter -----------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Without the frozen teacher: it is reloaded from its source (also what sharded checkpoints see)."""
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "") + TEACHER_PREFIX
+        for key in [k for k in state if k.startswith(prefix)]:
             del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
+        """Strict about everything except the teacher, which checkpoints do not hold."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith(TEACHER_PREFIX)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"DMDModule checkpoint: missing keys {missing[:5]}, unexpected keys "
+                               f"{result.unexpected_keys[:5]}")
+        return result
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dmd_iteration"] = self.iteration
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.iteration = int(checkpoint.get("dmd_iteration", 0))
-        if self.teacher is not None:  # the teacher comes from its source, not the checkpoint
-            for key, value in self.teacher.state_dict().items():
-                checkpoint["state_dict"][TEACHER_PREFIX + key] = value
 
     # -- the pieces of an iteration ------------------------------------------------------------------
     def is_student_turn(self) -> bool:
@@ -175,7 +196,7 @@ class DMDModule(L.LightningModule):
         with torch.no_grad():
             state, x_t = noise, noise.clone()
             ones = torch.ones(len(x), dtype=torch.float64, device=x.device)
-            for step in range(int(index.max())):
+            for step in range(len(grid) - 2):  # all steps, not max(index): every rank runs the same calls
                 state = self.student.outer_step(state, grid[step] * ones, grid[step + 1] * ones, context)
                 x_t = torch.where((index == step + 1).view(-1, *([1] * (x.ndim - 1))), state, x_t)
         return x_t, t, noise
@@ -204,7 +225,8 @@ class DMDModule(L.LightningModule):
         max_norm = self.hparams.grad_clip or float("inf")
         for group in optimizer.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            norms[group["name"]] = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+            norms[group["name"]] = full_value(norm)
         optimizer.step()
         return norms
 

@@ -12,8 +12,9 @@ from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.modules.teacher import sampling_state_dict
 from lightning_tmd.nets.tmd_student import CLEAN_ESTIMATES, MainFeature, TMDStudent
 from lightning_tmd.nets.wan import WanNet
-from lightning_tmd.sampling import effective_nfe, tmd_sample, tmd_step
-from lightning_tmd.schedules import grid_floor, interpolate, sample_shifted_uniform, shifted_grid
+from lightning_tmd.parallel import full_value
+from lightning_tmd.sampling import effective_nfe, noise_seeded_generator, tmd_sample, tmd_step
+from lightning_tmd.schedules import broadcast_time, grid_floor, interpolate, sample_shifted_uniform, shifted_grid
 
 OBJECTIVES = ("tm_meanflow", "tm")
 DERIVATIVES = ("finite_difference", "jvp")
@@ -99,8 +100,7 @@ class StudentModule(GeneratorModule):
         if noise is None:
             noise = torch.randn((len(context), *shape), generator=generator, device=self.device)
         if generator is None:
-            seed = int(noise.detach().double().abs().sum().item() * 1e3) % 2**62
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            generator = noise_seeded_generator(noise, self.device)
         net = self.sampling_net()
         was_training = net.training
         net.eval()
@@ -156,15 +156,14 @@ class StudentModule(GeneratorModule):
                         x_t: torch.Tensor, t: torch.Tensor, negative_context: torch.Tensor,
                         dropped: torch.Tensor) -> torch.Tensor:
         """v_g = u_unc + w (v - u_unc), u_unc = u_theta(y_s, s, s; m(x_t, t, negative prompt)), on the
-        rows that kept their caption; dropped rows keep v (METHOD Q8)."""
-        keep = (~dropped).nonzero().squeeze(1)
-        if self.hparams.guidance_scale == 1.0 or len(keep) == 0:
+        rows that kept their caption; dropped rows keep v (METHOD Q8). Computed on every row and masked,
+        so that all data-parallel ranks run the same calls (FSDP gathers weights collectively)."""
+        if self.hparams.guidance_scale == 1.0:
             return v
-        main = self.net.backbone(x_t[keep], t[keep], negative_context[keep])
-        u_unc = self.net.average_velocity(y_s[keep], s[keep], s[keep], main, y1[keep])
-        guided = v.clone()
-        guided[keep] = u_unc + self.hparams.guidance_scale * (v[keep] - u_unc)
-        return guided
+        main = self.net.backbone(x_t, t, negative_context)
+        u_unc = self.net.average_velocity(y_s, s, s, main, y1)
+        guided = u_unc + self.hparams.guidance_scale * (v - u_unc)
+        return torch.where(dropped.view(-1, *([1] * (v.ndim - 1))), v, guided)
 
     def dds(self, main: MainFeature, y1: torch.Tensor, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor,
             tangent: torch.Tensor) -> torch.Tensor:
@@ -199,24 +198,25 @@ class StudentModule(GeneratorModule):
         s, r = self.sample_inner_times(n, device)
         y_s = interpolate(y, y1, s)
         v = self.guided_velocity(y1 - y, y_s, s, y1, x_t, t, batch["negative_context"], dropped)
-        target = v.clone()
-        jump = (s > r).nonzero().squeeze(1)
-        if len(jump):  # u_tgt = v - (s - r) du/ds on the rows with r < s
-            dds = self.dds(main.select(jump), y1[jump], y_s[jump], s[jump], r[jump], v[jump])
-            gap = (s[jump] - r[jump]).view(-1, *([1] * (x.ndim - 1)))
-            target[jump] = (v[jump].double() - gap * dds).to(v.dtype)
+        # u_tgt = v - (s - r) du/ds; on the rows with r = s it is v. Every row is computed (same calls on
+        # every data-parallel rank); the derivative is skipped only when no row jumps (plain TM)
+        jump = s > r
+        target = v
+        if hp.objective == "tm_meanflow":
+            dds = self.dds(main, y1, y_s, s, r, v)
+            target = (v.double() - broadcast_time(s - r, v) * dds).to(v.dtype)
         u = self.net.average_velocity(y_s, s, r, main, y1)
         d = y_s[0].numel()
         loss = adaptive_l2_loss(u, target.detach(), hp.norm_constant * d)
-        return {"loss": loss, "mse": (u.detach() - target).pow(2).mean(), "jump_fraction": torch.tensor(len(jump) / n)}
+        return {"loss": loss, "mse": (u.detach() - target).pow(2).mean(), "jump_fraction": jump.float().mean()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.stage1_loss(batch)
         self.log("train/loss", out["loss"], prog_bar=True)
         self.log("train/mse", out["mse"])
         self.log("train/jump_fraction", out["jump_fraction"])
-        if hasattr(self.net.fusion, "gate"):
-            self.log("train/fusion_gate", self.net.fusion.gate)
+        if hasattr(self.net.fusion, "gate_logit"):  # sigmoid of the gate logit (gathered under FSDP)
+            self.log("train/fusion_gate", torch.sigmoid(full_value(self.net.fusion.gate_logit.detach())).squeeze(0))
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

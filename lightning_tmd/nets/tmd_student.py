@@ -101,6 +101,10 @@ class TMDStudent(nn.Module):
         inner_target: "velocity" (y = x1 - x, DTM) or "sample" (y = x).
     """
 
+    # entry points that use the student's own parameters (fusion, gap embedding) or enter its Wan:
+    # FSDP gathers the parameters around these calls
+    fsdp_methods = ("backbone", "head_time", "head", "average_velocity", "rollout")
+
     def __init__(self, wan: WanNet, head_blocks: int, fusion: str = "gated",
                  inner_target: str = "velocity") -> None:
         super().__init__()

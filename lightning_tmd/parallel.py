@@ -1,0 +1,115 @@
+"""FSDP2 for the project's nets, for Lightning's `ModelParallelStrategy` (the strategy that supports
+manual optimization; `FSDPStrategy` does not).
+
+`shard_nets` applies `fully_shard` to every `WanTransformerBlock`, then to every net around them (Wan,
+TMD student, discriminator, EMA copies), innermost first, with one mixed-precision policy. The nets call
+each other through methods other than `forward` (`WanNet.embed`, `TMDStudent.head`, ...): those listed in
+a class's `fsdp_methods` are registered so that FSDP gathers the net's own parameters around them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from lightning_tmd.nets.discriminator import Discriminator
+from lightning_tmd.nets.tmd_student import TMDStudent
+from lightning_tmd.nets.wan import WanNet
+
+SHARDED_NETS = (WanNet, TMDStudent, Discriminator)
+
+
+def dtype_of(name: str | None) -> torch.dtype | None:
+    return getattr(torch, name) if name else None
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """`ModelParallelStrategy` (data parallel only) with the settings `shard_nets` reads.
+
+    Args:
+        param_dtype: dtype of the gathered parameters in forward/backward (bf16 on GPUs; the sharded
+            master weights and the optimizer state stay fp32). None: no casting.
+        reduce_dtype: dtype of the gradient reduce-scatter.
+        reshard_after_forward: free gathered block parameters after forward (ZeRO-3); False keeps them
+            until backward (ZeRO-2: more memory, fewer all-gathers).
+    Other keyword arguments go to `ModelParallelStrategy` (`save_distributed_checkpoint`, ...).
+    """
+
+    def __init__(self, param_dtype: str | None = "bfloat16", reduce_dtype: str | None = "float32",
+                 reshard_after_forward: bool = True, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+        self.mp_policy = MixedPrecisionPolicy(param_dtype=dtype_of(param_dtype), reduce_dtype=dtype_of(reduce_dtype))
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # every process is a data-parallel rank
+        super().setup_environment()
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def shard_nets(module: nn.Module, mesh: Any, mp_policy: MixedPrecisionPolicy | None = None,
+               reshard_after_forward: bool = True) -> None:
+    """`fully_shard` each Wan block, then each net containing them, innermost first; every parameter
+    must end up in a unit (else its gradients would not be reduced across ranks)."""
+    check_identical_across_ranks(module)
+    kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    for block in [m for m in module.modules() if isinstance(m, WanTransformerBlock)]:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    nets = [m for m in module.modules() if isinstance(m, SHARDED_NETS)]
+    for net in reversed(nets):  # modules() lists outer nets before the nets inside them
+        # a net's own weights (embeddings, fusion, output layer) are small: they stay gathered from
+        # forward to backward, so nested method calls and outputs FSDP cannot trace are safe
+        fully_shard(net, reshard_after_forward=False, **kwargs)
+        for name in getattr(type(net), "fsdp_methods", ()):
+            register_fsdp_forward_method(net, name)
+    left = [name for name, p in module.named_parameters() if not isinstance(p, DTensor)]
+    if left:
+        raise RuntimeError(f"parameters outside every FSDP unit (their gradients would not be reduced): {left[:5]}")
+
+
+def check_identical_across_ranks(module: nn.Module) -> None:
+    """Every rank must start from the same weights (randomly initialised fusion layers and discriminator
+    heads included): compare a float64 checksum of all parameters across ranks."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        checksum = float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in module.parameters()))
+    sums = [None] * dist.get_world_size()
+    dist.all_gather_object(sums, checksum)
+    if len(set(sums)) > 1:
+        raise RuntimeError(f"the ranks hold different weights before sharding (checksums {sums}): build the model "
+                           "with the same seed on every rank (train.py seeds before instantiating)")
+
+
+def shard_for_strategy(module: Any) -> None:
+    """In a LightningModule's `configure_model`: shard its nets when the trainer's strategy is a
+    `ModelParallelStrategy` (it sets `module.device_mesh`); once only."""
+    mesh = getattr(module, "_device_mesh", None)
+    if mesh is None or is_sharded(module):
+        return
+    strategy = module.trainer.strategy
+    shard_nets(module, mesh["data_parallel"], getattr(strategy, "mp_policy", None),
+               getattr(strategy, "reshard_after_forward", True))
+
+
+def reshard(module: nn.Module) -> None:
+    """Put FSDP-sharded nets back into their sharded parameters (nets keep their own weights gathered
+    from forward on; the EMA update needs the sharded ones). No-op without FSDP."""
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def full_value(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (e.g. a gradient norm under FSDP); plain tensors pass through."""
+    return value.full_tensor() if isinstance(value, DTensor) else value

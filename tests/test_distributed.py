@@ -1,0 +1,151 @@
+"""Data parallel (DDP) and FSDP2 over 2 CPU processes (gloo), launched with torchrun as on a cluster.
+
+The equality checks give both ranks the same batches and the same random stream (`data.shard=false`,
+`callbacks.rng_state.per_rank=false`): the averaged gradient of two identical halves is the single-process
+gradient, so the losses must match a single-process run of the same batch, and the weights must land no
+further from it than rounding alone moves them. That checks sharding, gathering, clipping, the sharded
+optimizer and checkpoints apart from the noise, which differs by rank in normal runs (identical halves
+do not check that gradients are reduced at all: that is torch's DDP / FSDP code). Sharding of the data
+itself is checked without processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_train
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_tmd.data import datamodule as dm
+from lightning_tmd.data.shapes import ShapesDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+LOSSES = ("train/vsd", "train/critic_loss")
+SAME_ON_EVERY_RANK = ["data.shard=false", "callbacks.rng_state.per_rank=false"]
+
+
+def stage2_overrides(teacher: Path, student: Path, *extra: str) -> list[str]:
+    return ["experiment=shapes_smoke_dmd", f"stage.module.teacher_ckpt={teacher}",
+            f"stage.module.student_ckpt={student}", "callbacks.samples.every_n_steps=0", "trainer.max_steps=6",
+            "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=3", *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(overrides: list[str], out: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m lightning_tmd.train ...`, each rank composing the config itself."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "lightning_tmd.train", *overrides, "trainer.devices=2", f"hydra.run.dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def logged(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Scalars of a run's TensorBoard events: {tag: {step: value}}."""
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in LOSSES if tag in events.Tags()["scalars"]}
+
+
+def assert_same_losses(ours: dict, reference: dict, steps: range, rtol: float = 1e-4) -> None:
+    for tag in LOSSES:
+        common = [s for s in steps if s in ours[tag] and s in reference[tag]]
+        assert common, (tag, ours[tag], reference[tag])
+        got, want = ours[tag], reference[tag]
+        for step in common:
+            assert got[step] == pytest.approx(want[step], rel=rtol, abs=1e-6), (tag, step, got, want)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """Trained weights of a stage-2 checkpoint: a file, or a sharded (DCP) folder consolidated."""
+    if path.is_dir():
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        state = _load_distributed_checkpoint(path)["state_dict"]
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith(("student.", "critic.", "discriminator."))}
+
+
+def distance(ours: dict, reference: dict) -> float:
+    """Largest element-wise difference of two sets of weights.
+
+    Runs that are not bit-identical differ by more than float32 rounding: weights with near-zero
+    gradients (e.g. convolutions behind GroupNorm in the discriminator, ~1e-8) change gradient sign with
+    ~1e-7 input differences, and Adam turns any sign into an lr-sized step.
+    """
+    assert ours.keys() == reference.keys()
+    return max((ours[k].float() - reference[k].float()).abs().max().item() for k in ours)
+
+
+def one_process_run(teacher: Path, student: Path, out: Path, threads: int) -> Path:
+    from lightning_tmd.train import train
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        train(compose_train(stage2_overrides(teacher, student), out))
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(smoke_checkpoint, smoke_student_checkpoint, tmp_path_factory) -> Path:
+    """Six stage-2 iterations (student at 0 and 5) in one process, one thread (as each rank)."""
+    return one_process_run(smoke_checkpoint, smoke_student_checkpoint, tmp_path_factory.mktemp("reference"), 1)
+
+
+@pytest.fixture(scope="module")
+def rounding_noise(reference_run, smoke_checkpoint, smoke_student_checkpoint, tmp_path_factory) -> float:
+    """How far the same run lands with two threads instead of one: the float32 summation order alone."""
+    other = one_process_run(smoke_checkpoint, smoke_student_checkpoint, tmp_path_factory.mktemp("two_threads"), 2)
+    return distance(weights(other / "checkpoints" / "last.ckpt"), weights(reference_run / "checkpoints" / "last.ckpt"))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_and_resume_exactly(strategy, reference_run, rounding_noise, smoke_checkpoint,
+                                                    smoke_student_checkpoint, tmp_path):
+    extra = [f"strategy={strategy}", *SAME_ON_EVERY_RANK]
+    if strategy == "fsdp":  # fp32 on CPUs; GPUs gather bf16 weights
+        extra += ["trainer.precision=32-true", "trainer.strategy.param_dtype=null"]
+    overrides = stage2_overrides(smoke_checkpoint, smoke_student_checkpoint, *extra)
+    torchrun(overrides, tmp_path / "full")
+    full, reference = logged(tmp_path / "full"), logged(reference_run)
+    assert_same_losses(full, reference, range(0, 7))
+    checkpoints = tmp_path / "full" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_dir() == (strategy == "fsdp")  # FSDP saves one shard per rank
+    # no further from the one-process run than that run is from itself with another thread count
+    gap = distance(weights(checkpoints / "last.ckpt"), weights(reference_run / "checkpoints" / "last.ckpt"))
+    assert gap <= max(rounding_noise, 1e-6), (gap, rounding_noise)
+
+    # resume from iteration 3: iterations 4-6 repeat the uninterrupted run's
+    torchrun([*overrides, f"ckpt_path={checkpoints / 'step_0000003.ckpt'}"], tmp_path / "resumed")
+    assert_same_losses(logged(tmp_path / "resumed"), full, range(4, 7), rtol=1e-6)
+    resumed = weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert distance(resumed, weights(checkpoints / "last.ckpt")) == 0
+
+
+def test_ranks_read_disjoint_shares_of_the_single_process_global_batch(monkeypatch):
+    dataset = ShapesDataset(64, frames=2, size=8, max_objects=1)
+    single = list(iter(dm.ResumableLoader(dataset, batch_size=8, seed=3).sampler))
+    shares = []
+    for rank in range(2):
+        monkeypatch.setattr(dm, "process_rank", lambda rank=rank: (rank, 2))
+        loader = dm.ResumableLoader(dataset, batch_size=4, seed=3)
+        assert len(loader) == 8  # 64 clips / (4 per rank x 2 ranks)
+        shares.append(list(iter(loader.sampler)))
+    assert not set(shares[0]) & set(shares[1])
+    for step in range(8):  # global batch `step` of the ranks == batch `step` of one process with batch 8
+        assert shares[0][4 * step:4 * step + 4] + shares[1][4 * step:4 * step + 4] == single[8 * step:8 * step + 8]
+
