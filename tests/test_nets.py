@@ -94,6 +94,22 @@ def test_missing_or_incomplete_weights_folder_is_named(tmp_path):
         WanNet.build(path=str(tmp_path))
 
 
+def test_cast_keeps_wans_fp32_modules_like_from_pretrained(tmp_path):
+    net = WanNet.from_config(TINY_WAN)
+    net.save_pretrained(tmp_path)
+    loaded = WanNet.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    cast = WanNet.from_config(TINY_WAN)
+    cast.load_state_dict(net.state_dict())
+    cast.cast(torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in loaded.named_parameters()}
+    assert {name: p.dtype for name, p in cast.named_parameters()} == dtypes
+    assert torch.float32 in dtypes.values() and torch.bfloat16 in dtypes.values()
+    x, t, ctx = torch.randn(2, 3, 2, 8, 8), torch.tensor([300.0, 700.0]), torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = cast(x, t, ctx).float()
+    assert (half - net(x, t, ctx)).abs().max() < 0.1
+
+
 def test_vocab_encoder_is_deterministic_and_padded():
     enc = VocabTextEncoder(dim=16, max_length=8)
     a, b = enc(["a red circle moving up", ""]), VocabTextEncoder(dim=16, max_length=8)(["a red circle moving up"])

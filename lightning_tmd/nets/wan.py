@@ -90,6 +90,9 @@ def transformer_config(path: str | Path) -> dict[str, Any]:
 class WanNet(nn.Module):
     """A `WanTransformer3DModel` with a split forward. Free of Lightning."""
 
+    # entry points that use the net's own (non-block) parameters: FSDP gathers them around these calls
+    fsdp_methods = ("embed", "patchify", "time_embedding", "time_modulation", "unembed", "block_features")
+
     def __init__(self, transformer: WanTransformer3DModel, checkpoint_blocks: bool = False) -> None:
         super().__init__()
         self.transformer = transformer
@@ -130,6 +133,17 @@ class WanNet(nn.Module):
         """Build from a model group {"path", "config", "dtype" (a torch dtype name), "checkpoint_blocks"}."""
         dtype = getattr(torch, model.get("dtype") or "float32")
         return cls.build(model.get("path"), model.get("config"), dtype, bool(model.get("checkpoint_blocks", False)))
+
+    def cast(self, dtype: torch.dtype) -> WanNet:
+        """Cast the weights to `dtype`, keeping the modules and parameters diffusers keeps in fp32
+        (`_keep_in_fp32_modules`: rope, time embedder, scale-shift tables, norms), as
+        `from_pretrained(torch_dtype=...)` does; a blanket `.to(dtype)` would not."""
+        keep = set(self.transformer._keep_in_fp32_modules or ())
+        self.to(dtype)
+        for name, param in self.named_parameters():
+            if keep & set(name.split(".")):
+                param.data = param.data.float()
+        return self
 
     def save_pretrained(self, folder: str | Path) -> None:
         self.transformer.save_pretrained(folder)
