@@ -85,7 +85,7 @@ def test_missing_or_incomplete_weights_folder_is_named(tmp_path):
         WanNet.build(path=str(tmp_path))
     WanNet.from_config(TINY_WAN).save_pretrained(tmp_path)
     (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="has no weights"):
+    with pytest.raises(FileNotFoundError, match="has no transformer weights"):
         WanNet.build(path=str(tmp_path))
     (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"a": "diffusion_pytorch_model-00001-of-00002.safetensors"}})

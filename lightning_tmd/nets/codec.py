@@ -8,37 +8,19 @@ then chunks of four); latents are (B, C, 1 + (T - 1) / temporal_factor, H / spat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lightning_tmd.nets.wan import WEIGHT_FILES
+from lightning_tmd.nets.wan import resolve_component_folder
 
 FRAME_CHUNK = 4  # frames after the first are encoded in chunks of four
 
 
 def resolve_vae_folder(path: str | Path, field: str = "model_path") -> Path:
-    """The folder holding the VAE's config.json and weights: `path` itself or its `vae/` subfolder (the
-    layout of a Wan diffusers repository). Raises FileNotFoundError naming `field` and what is missing."""
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"{field}: the folder '{root}' does not exist. Point {field} at a Wan diffusers "
-                                "folder (holding vae/) or at its vae/ subfolder")
-    folder = root / "vae" if (root / "vae").is_dir() else root
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{field}: '{folder}' has no config.json (expected an AutoencoderKLWan folder, "
-                                "or a Wan diffusers folder holding vae/)")
-    weights = [name for name in WEIGHT_FILES if (folder / name).is_file()]
-    if not weights:
-        raise FileNotFoundError(f"{field}: '{folder}' has no VAE weights: expected one of {', '.join(WEIGHT_FILES)}")
-    if weights[0].endswith(".index.json"):
-        index = json.loads((folder / weights[0]).read_text())
-        missing = sorted({f for f in index["weight_map"].values() if not (folder / f).is_file()})
-        if missing:
-            raise FileNotFoundError(f"{field}: '{folder}' is incomplete, missing shard(s): {', '.join(missing)}")
-    return folder
+    """The VAE's folder: `path` itself or its `vae/` subfolder; errors name `field` and what is missing."""
+    return resolve_component_folder(path, "vae", field, "VAE")
 
 
 class WanVAECodec(nn.Module):
