@@ -53,6 +53,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
 
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
@@ -80,11 +87,12 @@ def shard_nets(module: nn.Module, mesh: Any, mp_policy: MixedPrecisionPolicy | N
 def check_identical_across_ranks(module: nn.Module) -> None:
     """Every rank must start from the same weights (randomly initialised fusion layers and discriminator
     heads included): compare a float64 checksum of all parameters across ranks."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    _, world = process_rank()
+    if world == 1:
         return
     with torch.no_grad():
         checksum = float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in module.parameters()))
-    sums = [None] * dist.get_world_size()
+    sums = [None] * world
     dist.all_gather_object(sums, checksum)
     if len(set(sums)) > 1:
         raise RuntimeError(f"the ranks hold different weights before sharding (checksums {sums}): build the model "
@@ -94,7 +102,7 @@ def check_identical_across_ranks(module: nn.Module) -> None:
 def shard_for_strategy(module: Any) -> None:
     """In a LightningModule's `configure_model`: shard its nets when the trainer's strategy is a
     `ModelParallelStrategy` (it sets `module.device_mesh`); once only."""
-    mesh = getattr(module, "_device_mesh", None)
+    mesh = module.device_mesh
     if mesh is None or is_sharded(module):
         return
     strategy = module.trainer.strategy

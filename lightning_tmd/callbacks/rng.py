@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_tmd.parallel import process_rank
+
 
 class RNGStateCheckpoint(L.Callback):
     """Saves the Python, NumPy, torch (and CUDA) generator states with each checkpoint and restores
@@ -37,9 +39,10 @@ class RNGStateCheckpoint(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         state = local_rng_state()
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        _, world = process_rank()
+        if world == 1:
             return state
-        states = [None] * dist.get_world_size()
+        states = [None] * world
         dist.all_gather_object(states, state)
         return {"ranks": states}
 
@@ -48,8 +51,7 @@ class RNGStateCheckpoint(L.Callback):
             set_local_rng_state(state_dict)
             return
         states = state_dict["ranks"]
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank, world = process_rank()
         if world != len(states):
             rank_zero_warn(f"the checkpoint holds random states of {len(states)} ranks, this run has {world}: "
                            "the noise after resuming differs from the uninterrupted run")

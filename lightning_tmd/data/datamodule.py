@@ -11,15 +11,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_tmd.data.shapes import ShapesDataset
 from lightning_tmd.nets.text import PromptEncoder, TextEncoder
+from lightning_tmd.parallel import process_rank
 
 VAL_START = 1 << 40  # global index of the first validation clip: splits never overlap
-
-
-def process_rank() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) without torch.distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class _EpochPermutation(Sampler[int]):

@@ -108,9 +108,13 @@ class DMDModule(L.LightningModule):
         grad, in no optimizer), a teacher-initialised critic and the student's starting weights, with
         the teacher checkpoint read once. A resumed run's checkpoint then overrides critic and student."""
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        if self.teacher is not None or not fitting:
-            shard_for_strategy(self)
-            return
+        if fitting and self.teacher is None:
+            self.teacher = self.build_teacher_and_starting_weights()
+        shard_for_strategy(self)
+
+    def build_teacher_and_starting_weights(self) -> TeacherModule:
+        """The frozen teacher, and the critic and student initialised from it (or the student from its
+        own checkpoint)."""
         hp = self.hparams
         teacher = TeacherModule(hp.model, ema_decay=None)
         teacher_weights = sampling_state_dict(hp.teacher_ckpt) if hp.teacher_ckpt else None
@@ -123,8 +127,7 @@ class DMDModule(L.LightningModule):
             self.student.load_teacher(teacher_weights)
         if hp.teacher_dtype:
             teacher.net.cast(getattr(torch, hp.teacher_dtype))
-        self.teacher = teacher.eval().requires_grad_(False)
-        shard_for_strategy(self)
+        return teacher.eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> DMDModule:
         super().train(mode)
