@@ -60,6 +60,7 @@ class TMDStudentModel(ModelMixin, ConfigMixin):
     Args:
         kind: "tmd" (backbone + recurrent flow head, Algorithm 1) or "one_pass" (DMD2-v, Eq. 18).
         transformer: the `WanTransformer3DModel` keyword arguments of the student's Wan.
+        position_frequencies: Fourier position planes the Wan takes beside the clip (`WanNet.with_positions`).
         sample_shape: (C, T, H, W) of the clips (latents) the student was trained on.
         text: how prompts were embedded: {"kind": one of TEXT_KINDS, "dim", "max_length", "negative_prompt",
             and "seed" for the vocabulary encoder}.
@@ -76,13 +77,13 @@ class TMDStudentModel(ModelMixin, ConfigMixin):
                  negative_prompt_shape: list[int], outer_steps: int, outer_shift: float, t_max: float = 0.999,
                  head_blocks: int | None = None, inner_steps: int | None = None, inner_shift: float | None = None,
                  fusion: str | None = None, inner_target: str | None = None,
-                 clean_estimate: str | None = None) -> None:
+                 clean_estimate: str | None = None, position_frequencies: int = 0) -> None:
         super().__init__()
         if kind not in STUDENT_KINDS:
             raise ValueError(f"student/config.json: kind '{kind}' is unknown: use one of {STUDENT_KINDS}")
         if text.get("kind") not in TEXT_KINDS:
             raise ValueError(f"student/config.json: text.kind '{text.get('kind')}' is unknown: use one of {TEXT_KINDS}")
-        wan = WanNet.from_config(transformer)
+        wan = WanNet.from_config(transformer, position_frequencies=position_frequencies)
         if kind == "tmd":
             missing = [n for n, v in (("head_blocks", head_blocks), ("inner_steps", inner_steps),
                                       ("inner_shift", inner_shift)) if v is None]
@@ -203,7 +204,7 @@ class TMDPipeline(DiffusionPipeline):
         shape = (batch_size, *(sample_shape or self.student.config.sample_shape))
         if latents is None:
             return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=torch.float32)
-        channels = self.student.config.transformer["in_channels"]
+        channels = self.student.config.transformer["out_channels"]
         if latents.ndim != 5 or latents.shape[0] != batch_size or latents.shape[1] != channels:
             raise ValueError(f"latents: expected ({batch_size}, {channels}, T, H, W) for {batch_size} videos, "
                              f"got {tuple(latents.shape)}")

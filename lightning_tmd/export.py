@@ -103,7 +103,8 @@ def student_model_config(student: StudentCheckpoint, transformer: dict[str, Any]
     """The `TMDStudentModel` arguments: architecture, sampler defaults, clip shape and text settings."""
     s = student.settings
     config = {"kind": student.kind, "transformer": transformer,
-              "sample_shape": list(clip_shape(student.config, transformer["in_channels"])),
+              "sample_shape": list(clip_shape(student.config, transformer["out_channels"])),
+              "position_frequencies": int(student.settings["model"].get("position_frequencies") or 0),
               "text": text.settings, "negative_prompt_shape": list(text.negative.shape),
               "outer_steps": s["outer_steps"], "outer_shift": s["outer_shift"], "t_max": s["t_max"]}
     if student.kind == "tmd":
@@ -183,7 +184,7 @@ def export(cfg: DictConfig) -> Path:
     check_out_folder(out, cfg.overwrite)
     student = read_student(ckpt)
     transformer = transformer_kwargs(student.settings["model"])
-    vae_path = vae_folder(cfg.get("vae"), student.config, transformer["in_channels"])
+    vae_path = vae_folder(cfg.get("vae"), student.config, transformer["out_channels"])
     text = export_text(student.config["text"], cfg.text_encoder)
     config = student_model_config(student, transformer, text)
     model = build_student_model(config, student.weights, text.negative, getattr(torch, cfg.dtype))

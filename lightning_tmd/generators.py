@@ -64,7 +64,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Load
     module = module_class.load_from_checkpoint(path, map_location=device).eval()
     text = config["text"]
     prompts = PromptEncoder(instantiate(text["encoder"]), text["negative_prompt"])
-    return LoadedGenerator(module, prompts, clip_shape(config, module.net.config.in_channels), config, path)
+    return LoadedGenerator(module, prompts, clip_shape(config, module.net.config.out_channels), config, path)
 
 
 class PipelineTextEncoder(TextEncoder):

@@ -31,6 +31,30 @@ def test_split_forward_equals_diffusers_forward():
     assert (net(x, t, ctx) - full).abs().max() <= 1e-6
 
 
+def test_position_planes_feed_an_absolute_position_to_the_patch_embedding():
+    net = WanNet.from_config({**TINY_WAN, "in_channels": 3 + 12}, position_frequencies=2).eval()
+    x, t, ctx = inputs()
+    planes = net.with_positions(x)[:, 3:]
+    assert planes.shape == (2, 12, 4, 8, 8)
+    # the lowest frequency's sin is monotone along each axis: first frame -1, last +1; left -1, right +1
+    assert torch.allclose(planes[:, 0, 0], torch.tensor(-1.0)) and torch.allclose(planes[:, 0, -1], torch.tensor(1.0))
+    assert torch.allclose(planes[:, 2, ..., 0], torch.tensor(-1.0))
+    assert torch.allclose(planes[:, 2, ..., -1], torch.tensor(1.0))
+    # every (t, y, x) gets its own feature vector
+    assert len(planes[0].flatten(1).T.unique(dim=0)) == 4 * 8 * 8
+    full = net.transformer(net.with_positions(x), t, ctx, return_dict=False)[0]
+    assert full.shape == x.shape
+    assert (net(x, t, ctx) - full).abs().max() <= 1e-6
+    # the same content at another place gives other tokens
+    assert not torch.allclose(net.patchify(x)[:, :1], net.patchify(x.roll(2, dims=-1))[:, 1:2])
+
+
+@pytest.mark.parametrize("in_channels, frequencies", [(15, 0), (3, 2), (9, 2)])
+def test_channel_counts_that_do_not_fit_the_position_planes_are_refused(in_channels, frequencies):
+    with pytest.raises(ValueError, match="in_channels"):
+        WanNet.from_config({**TINY_WAN, "in_channels": in_channels}, position_frequencies=frequencies)
+
+
 def test_embed_time_matches_the_condition_embedder():
     net = WanNet.from_config(TINY_WAN)
     x, t, ctx = inputs()

@@ -14,6 +14,7 @@ so that the TMD student (backbone + flow head) and the discriminator (block feat
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -90,52 +91,82 @@ def transformer_config(path: str | Path) -> dict[str, Any]:
     return json.loads((resolve_transformer_folder(path) / "config.json").read_text())
 
 
+def position_planes(frequencies: int) -> int:
+    """Input channels that `fourier_position_planes` adds: sin and cos per axis (t, y, x) and frequency."""
+    return 6 * frequencies
+
+
+def fourier_position_planes(size: tuple[int, int, int], frequencies: int, device: torch.device | str = "cpu",
+                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(6F, T, H, W): sin and cos of 2^k (pi / 2) u for k < F, u in [-1, 1] the coordinate along each axis.
+    The lowest frequency is monotone across the clip, so the first and last frame (or column) differ."""
+    axes = [torch.linspace(-1, 1, n, device=device, dtype=torch.float64) for n in size]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (3, T, H, W)
+    angles = torch.cat([grid * (math.pi / 2 * 2**k) for k in range(frequencies)])
+    return torch.cat([angles.sin(), angles.cos()]).to(dtype)
+
+
 class WanNet(nn.Module):
     """A `WanTransformer3DModel` with a split forward. Free of Lightning."""
 
     # entry points that use the net's own (non-block) parameters: FSDP gathers them around these calls
     fsdp_methods = ("embed", "patchify", "time_embedding", "time_modulation", "unembed", "block_features")
 
-    def __init__(self, transformer: WanTransformer3DModel, checkpoint_blocks: bool = False) -> None:
+    def __init__(self, transformer: WanTransformer3DModel, checkpoint_blocks: bool = False,
+                 position_frequencies: int = 0) -> None:
         super().__init__()
+        c = transformer.config
+        expected = c.out_channels + position_planes(position_frequencies)
+        if c.in_channels != expected:
+            raise ValueError(
+                f"model.config.in_channels={c.in_channels}: the net takes the clip's {c.out_channels} channels"
+                + (f" plus {expected - c.out_channels} position planes (model.position_frequencies="
+                   f"{position_frequencies})" if position_frequencies else "")
+                + f", so set model.config.in_channels={expected}")
         self.transformer = transformer
         self.checkpoint_blocks = checkpoint_blocks
+        self.position_frequencies = position_frequencies
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: dict[str, Any], checkpoint_blocks: bool = False) -> WanNet:
+    def from_config(cls, config: dict[str, Any], checkpoint_blocks: bool = False,
+                    position_frequencies: int = 0) -> WanNet:
         """Randomly initialised net from `WanTransformer3DModel` keyword arguments."""
         config = dict(config)
         if "patch_size" in config:
             config["patch_size"] = tuple(config["patch_size"])
-        return cls(WanTransformer3DModel(**config), checkpoint_blocks)
+        return cls(WanTransformer3DModel(**config), checkpoint_blocks, position_frequencies)
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, torch_dtype: torch.dtype | None = None, checkpoint_blocks: bool = False
+        cls, path: str | Path, torch_dtype: torch.dtype | None = None, checkpoint_blocks: bool = False,
+        position_frequencies: int = 0,
     ) -> WanNet:
         """Load from a local diffusers folder (no downloads). bf16 keeps Wan's fp32 modules in fp32."""
         folder = resolve_transformer_folder(path)
         kwargs = {"local_files_only": True}
         if torch_dtype is not None:
             kwargs["torch_dtype"] = torch_dtype
-        return cls(WanTransformer3DModel.from_pretrained(folder, **kwargs), checkpoint_blocks)
+        return cls(WanTransformer3DModel.from_pretrained(folder, **kwargs), checkpoint_blocks, position_frequencies)
 
     @classmethod
     def build(cls, path: str | None = None, config: dict[str, Any] | None = None,
-              torch_dtype: torch.dtype | None = None, checkpoint_blocks: bool = False) -> WanNet:
+              torch_dtype: torch.dtype | None = None, checkpoint_blocks: bool = False,
+              position_frequencies: int = 0) -> WanNet:
         """`from_pretrained(path)` when a path is given, else `from_config(config)`."""
         if path:
-            return cls.from_pretrained(path, torch_dtype, checkpoint_blocks)
+            return cls.from_pretrained(path, torch_dtype, checkpoint_blocks, position_frequencies)
         if config is None:
             raise ValueError("model: give either model.path (a diffusers folder) or model.config")
-        return cls.from_config(config, checkpoint_blocks)
+        return cls.from_config(config, checkpoint_blocks, position_frequencies)
 
     @classmethod
     def from_settings(cls, model: dict[str, Any]) -> WanNet:
-        """Build from a model group {"path", "config", "dtype" (a torch dtype name), "checkpoint_blocks"}."""
+        """Build from a model group {"path", "config", "dtype" (a torch dtype name), "checkpoint_blocks",
+        "position_frequencies"}."""
         dtype = getattr(torch, model.get("dtype") or "float32")
-        return cls.build(model.get("path"), model.get("config"), dtype, bool(model.get("checkpoint_blocks", False)))
+        return cls.build(model.get("path"), model.get("config"), dtype, bool(model.get("checkpoint_blocks", False)),
+                         int(model.get("position_frequencies") or 0))
 
     def cast(self, dtype: torch.dtype) -> WanNet:
         """Cast the weights to `dtype`, keeping the modules and parameters diffusers keeps in fp32
@@ -157,6 +188,11 @@ class WanNet(nn.Module):
         return self.transformer.config
 
     @property
+    def clip_channels(self) -> int:
+        """Channels of the clips (pixels or latents) the net denoises: its output channels."""
+        return self.transformer.config.out_channels
+
+    @property
     def num_blocks(self) -> int:
         return len(self.transformer.blocks)
 
@@ -176,7 +212,7 @@ class WanNet(nn.Module):
         pt, ph, pw = self.patch_size
         _, _, frames, height, width = x.shape
         rotary = tr.rope(x)
-        hidden = tr.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+        hidden = self.patchify(x)
         temb, timestep_proj, context, _ = tr.condition_embedder(timestep, context, None)
         return WanTokens(
             hidden=hidden,
@@ -189,7 +225,19 @@ class WanNet(nn.Module):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """The shared patch embedding alone: (B, C, T, H, W) -> tokens (B, L, D)."""
-        return self.transformer.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+        return self.transformer.patch_embedding(self.with_positions(x)).flatten(2).transpose(1, 2).contiguous()
+
+    def with_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """x with Fourier features of the (t, y, x) position appended when the net takes them.
+
+        Wan has no absolute position embedding (RoPE is relative), so without them a net cannot tell the
+        first frame or the left edge from any other; through the patch embedding the planes become a
+        learned absolute position embedding.
+        """
+        if not self.position_frequencies:
+            return x
+        planes = fourier_position_planes(x.shape[2:], self.position_frequencies, x.device, x.dtype)
+        return torch.cat([x, planes.expand(len(x), -1, -1, -1, -1)], dim=1)
 
     def embed_time(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Time embedding alone: (temb (B, D), timestep_proj (B, 6, D)), exactly as in `embed`."""
