@@ -188,11 +188,6 @@ class WanNet(nn.Module):
         return self.transformer.config
 
     @property
-    def clip_channels(self) -> int:
-        """Channels of the clips (pixels or latents) the net denoises: its output channels."""
-        return self.transformer.config.out_channels
-
-    @property
     def num_blocks(self) -> int:
         return len(self.transformer.blocks)
 
