@@ -21,12 +21,13 @@ from benchmarking import benchmark_arguments, run_benchmark
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def measure(experiment: str, steps: int) -> dict:
+def teacher_training(overrides: list[str]):
+    """(cfg, datamodule, module, optimizer, next_batch) of `python -m lightning_tmd.train` with `overrides`."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", "output_dir=/tmp"])
+        cfg = compose("train", overrides=[*overrides, "output_dir=/tmp"])
     torch.manual_seed(0)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.stage.module, _convert_="all")
@@ -36,10 +37,19 @@ def measure(experiment: str, steps: int) -> dict:
     def next_batch():
         return datamodule.on_before_batch_transfer(next(batches), 0)
 
-    train_times, forward_times = [], []
-    for i in range(steps + 3):
-        batch = next_batch()
+    return cfg, datamodule, module, optimizer, next_batch
+
+
+def train_step_times(module, optimizer, next_batch, steps: int, with_data: bool = False,
+                     warmup: int = 3) -> list[float]:
+    """Seconds of `steps` AdamW flow-matching steps (+ EMA) after `warmup` untimed ones; `with_data`
+    also times drawing and embedding the batch."""
+    times = []
+    for i in range(steps + warmup):
         start = time.perf_counter()
+        batch = next_batch()
+        if not with_data:
+            start = time.perf_counter()
         x = batch["video"]
         t = torch.rand(len(x), dtype=torch.float64)
         loss = module.flow_loss(batch, t, torch.randn_like(x), batch["context"])
@@ -47,8 +57,15 @@ def measure(experiment: str, steps: int) -> dict:
         loss.backward()
         optimizer.step()
         module.update_ema()
-        if i >= 3:
-            train_times.append(time.perf_counter() - start)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(experiment: str, steps: int) -> dict:
+    cfg, datamodule, module, optimizer, next_batch = teacher_training([f"experiment={experiment}"])
+    train_times = train_step_times(module, optimizer, next_batch, steps)
+    forward_times = []
     with torch.no_grad():
         for _ in range(5):
             batch = next_batch()

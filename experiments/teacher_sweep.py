@@ -128,31 +128,11 @@ def score_run(run: Path, judge_path: str, samples: int, eval_every: int, device:
 
 def cpu_step_seconds(overrides: list[str], steps: int = 10) -> float:
     """Median seconds of one training step on this machine's CPU (data drawing included)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
+    from teacher_speed import teacher_training, train_step_times
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["stage=teacher", "experiment=shapes_teacher", "output_dir=/tmp",
-                                          *overrides])
-    torch.manual_seed(0)
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.stage.module, _convert_="all")
-    optimizer = module.configure_optimizers()["optimizer"]
-    batches = iter(datamodule.train_dataloader())
-    times = []
-    for i in range(steps + 3):
-        start = time.perf_counter()
-        batch = datamodule.on_before_batch_transfer(next(batches), 0)
-        x = batch["video"]
-        loss = module.flow_loss(batch, torch.rand(len(x), dtype=torch.float64), torch.randn_like(x),
-                                batch["context"])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        module.update_ema()
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    _, _, module, optimizer, next_batch = teacher_training(["stage=teacher", "experiment=shapes_teacher",
+                                                            *overrides])
+    return statistics.median(train_step_times(module, optimizer, next_batch, steps, with_data=True))
 
 
 def report(root: Path, names: list[str]) -> str:
