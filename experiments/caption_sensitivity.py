@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_tmd.data.shapes import ATTRIBUTES, ShapesDataset, caption_of, stacked
+from lightning_tmd.data.shapes import ATTRIBUTES, ShapesDataset, caption_of, clip_settings, stacked
 from lightning_tmd.generators import load_generator
 from lightning_tmd.schedules import interpolate
 
@@ -54,8 +54,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     loaded = load_generator(args.ckpt)
-    d = loaded.config["data"]
-    settings = dict(seed=d["seed"], frames=d["frames"], size=d["size"], max_objects=1)
+    settings = {**clip_settings(loaded.config["data"]), "max_objects": 1}
     test = stacked(ShapesDataset(args.clips, start=10**7, **settings))
     module = loaded.module
     net = module.net if args.raw else module.sampling_net()

@@ -98,6 +98,7 @@ def checkpoints_to_score(run: Path, eval_every: int) -> list[tuple[int, Path]]:
 
 def score_run(run: Path, judge_path: str, samples: int, eval_every: int, device: str) -> list[dict]:
     """Judge scores of every chosen checkpoint of one run (written to `<run>/scores.json` as they come)."""
+    from lightning_tmd.data.shapes import clip_settings
     from lightning_tmd.evaluate import held_out_set, quality
     from lightning_tmd.generators import load_generator
     from lightning_tmd.metrics.judge import JudgeFeatures, load_judge
@@ -108,7 +109,7 @@ def score_run(run: Path, judge_path: str, samples: int, eval_every: int, device:
     rows = []
     for step, path in checkpoints_to_score(run, eval_every):
         loaded = load_generator(path, device)
-        data = {k: loaded.config["data"][k] for k in ("frames", "size", "max_objects", "seed")}
+        data = clip_settings(loaded.config["data"])
         if not rows:
             judge, _ = load_judge(judge_path, {k: v for k, v in data.items() if k != "seed"})
             real = held_out_set(data, samples, offset=0)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_tmd.data.shapes import clip_settings
 from lightning_tmd.nets.wan import transformer_config
 
 
@@ -84,8 +85,8 @@ def check_teacher_source(cfg: DictConfig, field: str, path: str | None) -> None:
 
 
 def check_matching_checkpoint(cfg: DictConfig, field: str, path: str, hint: str) -> dict:
-    """The checkpoint at `path` exists and was trained with this run's model, text encoder and
-    negative prompt; returns it (loaded on the CPU)."""
+    """The checkpoint at `path` exists and was trained with this run's model, text encoder, negative
+    prompt and (shapes data) clips; returns it (loaded on the CPU)."""
     check_not_sharded(field, path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"{field}: no checkpoint file at '{path}'. {hint}")
@@ -93,12 +94,28 @@ def check_matching_checkpoint(cfg: DictConfig, field: str, path: str, hint: str)
     trained = checkpoint.get("run_config")
     if trained is not None:
         ours = OmegaConf.to_container(cfg, resolve=True)
-        for group, key in (("model", "config"), ("text", "encoder"), ("text", "negative_prompt")):
+        for group, key in (("model", "config"), ("model", "position_frequencies"), ("text", "encoder"),
+                           ("text", "negative_prompt")):
             theirs, mine = trained[group].get(key), ours[group].get(key)
+            if key == "position_frequencies":  # runs from before the setting existed have none
+                theirs, mine = theirs or 0, mine or 0
             if theirs != mine:
                 raise ValueError(f"{group}.{key}: {mine} differs from the one {field} was trained with "
                                  f"({theirs}); use that checkpoint's {group}")
+        check_same_clips(field, trained.get("data", {}), ours["data"])
     return checkpoint
+
+
+def check_same_clips(field: str, trained: dict, ours: dict) -> None:
+    """Shapes clips (frames, size, objects, speed) must match those the checkpoint at `field` learnt."""
+    keys = ("frames", "size", "max_objects")
+    if not all(k in trained and k in ours for k in keys):
+        return  # latents or other data: their own checks apply
+    theirs, mine = clip_settings({**trained, "seed": 0}), clip_settings({**ours, "seed": 0})
+    for key in (*keys, "speed"):
+        if theirs[key] != mine[key]:
+            raise ValueError(f"data.{key}={mine[key]} but {field} was trained on clips with {key}={theirs[key]}: "
+                             f"set data.{key}={theirs[key]} or use a checkpoint trained on these clips")
 
 
 def check_head_blocks(head_blocks: int, blocks: int, field: str) -> None:

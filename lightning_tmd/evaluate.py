@@ -22,9 +22,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_tmd.data.datamodule import VAL_START
-from lightning_tmd.data.shapes import ShapesDataset, stacked
+from lightning_tmd.data.shapes import ShapesDataset, clip_settings, stacked
 from lightning_tmd.generators import LoadedGenerator, load_generator
-from lightning_tmd.metrics.judge import JudgeFeatures, ShapesJudgeNet, ensure_judge, judge_accuracy
+from lightning_tmd.metrics.judge import JudgeFeatures, ShapesJudgeNet, ensure_judge, judge_accuracy, judge_file_name
 from lightning_tmd.metrics.video import (
     fake_distance,
     frechet_video_distance,
@@ -44,18 +44,16 @@ COLUMNS = [("model", "model"), ("setting", "setting"), ("nfe", "eff. NFE"), ("fv
 
 def held_out_set(data: dict[str, int], count: int, offset: int) -> dict[str, Any]:
     """`count` validation clips from `offset` on: videos, captions, labels (never seen in training)."""
-    return stacked(ShapesDataset(count, start=VAL_START + offset, seed=data["seed"], frames=data["frames"],
-                                 size=data["size"], max_objects=data["max_objects"]))
+    return stacked(ShapesDataset(count, start=VAL_START + offset, **clip_settings(data)))
 
 
 def data_settings(cfg: DictConfig, models: dict[str, LoadedGenerator]) -> dict[str, int]:
     """Clip settings of the evaluation: `cfg.data`, else the first model's; all models must agree."""
     def of(loaded: LoadedGenerator) -> dict[str, int]:
-        d = loaded.config["data"]
-        return {"frames": d["frames"], "size": d["size"], "max_objects": d["max_objects"], "seed": d["seed"]}
+        return clip_settings(loaded.config["data"])
 
     if cfg.data is not None:
-        data = dict(cfg.data)
+        data = clip_settings(dict(cfg.data))
     elif models:
         data = of(next(iter(models.values())))
     else:
@@ -152,8 +150,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     cache_dir = Path(cfg.cache_dir)
     models = {name: load_generator(m.ckpt, cfg.device) for name, m in (cfg.models or {}).items()}
     data = data_settings(cfg, models)
-    judge_path = cfg.judge.path or cache_dir / f"judge_{data['frames']}x{data['size']}_o{data['max_objects']}.pt"
-    judge, judge_info = ensure_judge(judge_path, data["frames"], data["size"], data["max_objects"],
+    judge_path = cfg.judge.path or cache_dir / judge_file_name(data)
+    judge, judge_info = ensure_judge(judge_path, data["frames"], data["size"], data["max_objects"], data["speed"],
                                      steps=cfg.judge.steps, batch_size=cfg.judge.batch_size)
     torch.manual_seed(cfg.seed)
     n = cfg.num_samples

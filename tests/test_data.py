@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lightning_tmd.data.datamodule import ShapesDataModule
@@ -62,6 +63,25 @@ def test_motion_follows_the_captioned_direction():
                 assert torch.sign(delta) == want
             else:
                 assert abs(delta) < 1.0
+
+
+@pytest.mark.parametrize("speed", [0.06, 0.09])
+def test_speed_sets_the_displacement_per_frame(speed):
+    data = ShapesDataset(20, max_objects=1, speed=speed)
+    for i in range(20):
+        item = data[i]
+        colour = int(item["labels"]["color"][0])
+        (x0, y0), (x1, y1) = object_centre(item["video"], colour, 0), object_centre(item["video"], colour, -1)
+        travelled = float(torch.hypot(x1 - x0, y1 - y0))
+        assert abs(travelled - speed * 32 * 7) < 1.5, (i, travelled)  # pixel quantisation of the centroid
+
+
+def test_speed_that_would_bounce_or_stand_still_is_refused():
+    for speed in (0.0, 0.11):
+        with pytest.raises(ValueError, match="data.speed"):
+            ShapesDataset(4, speed=speed)
+    datamodule = ShapesDataModule(None, speed=0.09, num_train=4, num_val=4)
+    assert datamodule.train_set.speed == datamodule.val_set.speed == 0.09 * 32
 
 
 def test_train_and_val_never_overlap():

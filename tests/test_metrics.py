@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from lightning_tmd.data.shapes import ShapesDataset, stacked
-from lightning_tmd.metrics.judge import JudgeFeatures, judge_accuracy, load_judge, per_color_targets
+from lightning_tmd.data.shapes import DEFAULT_SPEED, ShapesDataset, stacked
+from lightning_tmd.metrics.judge import JudgeFeatures, judge_accuracy, judge_file_name, load_judge, per_color_targets
 from lightning_tmd.metrics.video import (
     fake_distance,
     frechet_video_distance,
@@ -45,8 +45,22 @@ def test_cached_judge_loads_and_refuses_other_clip_settings(tiny_judge):
     assert set(info["accuracy"]) == {"count", "color", "shape", "direction", "all"}
     with pytest.raises(ValueError, match="judge.path"):
         load_judge(path, {"frames": 8, "size": 16, "max_objects": 2})
+    with pytest.raises(ValueError, match="speed"):
+        load_judge(path, {"frames": 4, "size": 16, "max_objects": 2, "speed": 0.09})
     with pytest.raises(FileNotFoundError, match="judge.path"):
         load_judge(path.parent / "missing.pt")
+
+
+def test_judges_cached_without_a_speed_count_as_the_default_speed(tiny_judge, tmp_path):
+    path, _, _ = tiny_judge
+    saved = torch.load(path, weights_only=True)
+    saved["data"].pop("speed")
+    torch.save(saved, tmp_path / "old.pt")
+    load_judge(tmp_path / "old.pt", {"frames": 4, "size": 16, "max_objects": 2, "speed": DEFAULT_SPEED})
+    with pytest.raises(ValueError, match="speed"):
+        load_judge(tmp_path / "old.pt", {"frames": 4, "size": 16, "max_objects": 2, "speed": 0.09})
+    assert judge_file_name({"frames": 8, "size": 32, "max_objects": 2, "speed": DEFAULT_SPEED}) == "judge_8x32_o2.pt"
+    assert judge_file_name({"frames": 8, "size": 32, "max_objects": 2, "speed": 0.09}) == "judge_8x32_o2_v0.09.pt"
 
 
 def test_real_clips_adhere_to_their_own_captions(tiny_judge):

@@ -71,6 +71,8 @@ def test_stage1_starts_from_the_teachers_ema_weights(smoke_checkpoint):
         (["stage.module.head_blocks=2"], ValueError, "head_blocks=2"),
         (["model.config.ffn_dim=64"], ValueError, "model.config"),
         (["text.negative_prompt=blurry"], ValueError, "text.negative_prompt"),
+        (["data.speed=0.09"], ValueError, "data.speed=0.09 but stage.module.teacher_ckpt"),
+        (["data.frames=8"], ValueError, "data.frames=8"),
     ],
 )
 def test_bad_stage1_config_fails_before_training(smoke_checkpoint, tmp_path, overrides, error, message):

@@ -39,6 +39,7 @@ COLOR_NAMES = tuple(COLORS)
 DIRECTION_NAMES = tuple(DIRECTIONS)
 ATTRIBUTES = {"color": COLOR_NAMES, "shape": SHAPES, "direction": DIRECTION_NAMES}
 BACKGROUND = -1.0
+DEFAULT_SPEED = 0.06  # pixels per frame as a fraction of the clip size
 
 
 def caption_of(objects: list[dict[str, int]]) -> str:
@@ -75,9 +76,13 @@ class ShapesDataset(Dataset):
     """`length` clips with global indices start .. start + length - 1 under `seed`."""
 
     def __init__(self, length: int, start: int = 0, seed: int = 0, frames: int = 8, size: int = 32,
-                 max_objects: int = 2, radius: float = 0.15, speed: float = 0.06) -> None:
+                 max_objects: int = 2, radius: float = 0.15, speed: float = DEFAULT_SPEED) -> None:
         if max_objects not in (1, 2):
             raise ValueError(f"data.max_objects must be 1 or 2, got {max_objects}")
+        if speed <= 0 or speed * (frames - 1) > 1 - 2 * radius:
+            fastest = (1 - 2 * radius) / max(frames - 1, 1)
+            raise ValueError(f"data.speed={speed}: an object must move, and cross at most the free width "
+                             f"within {frames} frames (no bounce), so 0 < speed <= {fastest:.3f}")
         self.length, self.start, self.seed = length, start, seed
         self.frames, self.size, self.max_objects = frames, size, max_objects
         self.radius = radius * size  # pixels
@@ -146,6 +151,13 @@ class ShapesDataset(Dataset):
             "caption": caption_of(objects),
             "labels": labels,
         }
+
+
+def clip_settings(data: dict) -> dict:
+    """The settings that define the clips of a data config: frames, size, max_objects, speed, seed
+    (configs written before `speed` was a setting used the default speed)."""
+    return {"frames": data["frames"], "size": data["size"], "max_objects": data["max_objects"],
+            "speed": data.get("speed", DEFAULT_SPEED), "seed": data["seed"]}
 
 
 def stacked(dataset: ShapesDataset) -> dict:

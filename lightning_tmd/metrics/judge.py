@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tmd.data.shapes import COLOR_NAMES, DIRECTION_NAMES, SHAPES
+from lightning_tmd.data.shapes import COLOR_NAMES, DEFAULT_SPEED, DIRECTION_NAMES, SHAPES
 
 NUM_COLORS, NUM_SHAPES, NUM_DIRECTIONS = len(COLOR_NAMES), len(SHAPES), len(DIRECTION_NAMES)
 
@@ -182,7 +182,8 @@ def load_judge(path: str | Path, data: dict | None = None) -> tuple[ShapesJudgeN
                                 "trains one there when it is missing (or call `train_judge`)")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if data is not None:
-        mismatched = {k: (saved["data"].get(k), v) for k, v in data.items() if saved["data"].get(k) != v}
+        cached = {"speed": DEFAULT_SPEED, **saved["data"]}  # judges cached before `speed` was a setting
+        mismatched = {k: (cached.get(k), v) for k, v in data.items() if cached.get(k) != v}
         if mismatched:
             raise ValueError(f"judge.path: '{path}' was trained on other clips {mismatched} (cached, wanted): "
                              "retrain it for these data settings")
@@ -191,9 +192,15 @@ def load_judge(path: str | Path, data: dict | None = None) -> tuple[ShapesJudgeN
     return net.eval().requires_grad_(False), saved
 
 
-def data_key(frames: int, size: int, max_objects: int) -> dict[str, int]:
+def data_key(frames: int, size: int, max_objects: int, speed: float = DEFAULT_SPEED) -> dict[str, float]:
     """The clip settings a judge is tied to."""
-    return {"frames": frames, "size": size, "max_objects": max_objects}
+    return {"frames": frames, "size": size, "max_objects": max_objects, "speed": speed}
+
+
+def judge_file_name(data: dict) -> str:
+    """judge_<frames>x<size>_o<max_objects>.pt, with _v<speed> when the speed is not the default."""
+    speed = "" if data["speed"] == DEFAULT_SPEED else f"_v{data['speed']:g}"
+    return f"judge_{data['frames']}x{data['size']}_o{data['max_objects']}{speed}.pt"
 
 
 @torch.no_grad()
@@ -211,15 +218,15 @@ def judge_accuracy(net: ShapesJudgeNet, videos: torch.Tensor, labels: dict[str, 
     }
 
 
-def train_judge(path: str | Path, frames: int = 8, size: int = 32, max_objects: int = 2, steps: int = 5000,
-                batch_size: int = 32, num_val: int = 1024, seed: int = 0, width: int = 32,
-                num_features: int = 128) -> tuple[ShapesJudgeNet, dict[str, float]]:
+def train_judge(path: str | Path, frames: int = 8, size: int = 32, max_objects: int = 2,
+                speed: float = DEFAULT_SPEED, steps: int = 5000, batch_size: int = 32, num_val: int = 1024,
+                seed: int = 0, width: int = 32, num_features: int = 128) -> tuple[ShapesJudgeNet, dict[str, float]]:
     """Train a judge on the shapes train split, measure it on held-out val clips, cache it at `path`."""
     from lightning_tmd.data.datamodule import ShapesDataModule
     from lightning_tmd.data.shapes import ShapesDataset, stacked
 
     L.seed_everything(seed)
-    datamodule = ShapesDataModule(None, frames=frames, size=size, max_objects=max_objects,
+    datamodule = ShapesDataModule(None, frames=frames, size=size, max_objects=max_objects, speed=speed,
                                   batch_size=batch_size, num_val=256, seed=seed)
     module = JudgeModule(width, num_features, max_objects)
     trainer = L.Trainer(max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
@@ -228,18 +235,18 @@ def train_judge(path: str | Path, frames: int = 8, size: int = 32, max_objects: 
     trainer.fit(module, datamodule=datamodule)
     # held out: validation clips the judge never saw, past the ones used for the validation curve
     held_out = stacked(ShapesDataset(num_val, start=datamodule.val_set.start + 10_000, seed=seed, frames=frames,
-                                     size=size, max_objects=max_objects))
+                                     size=size, max_objects=max_objects, speed=speed))
     net = module.net.eval().requires_grad_(False)
     accuracy = judge_accuracy(net, held_out["videos"], held_out["labels"])
-    save_judge(net, path, data_key(frames, size, max_objects), accuracy)
+    save_judge(net, path, data_key(frames, size, max_objects, speed), accuracy)
     return net, accuracy
 
 
-def ensure_judge(path: str | Path, frames: int, size: int, max_objects: int,
+def ensure_judge(path: str | Path, frames: int, size: int, max_objects: int, speed: float = DEFAULT_SPEED,
                  **train_kwargs: Any) -> tuple[ShapesJudgeNet, dict]:
     """The cached judge for these clip settings, trained first if there is none."""
-    key = data_key(frames, size, max_objects)
+    key = data_key(frames, size, max_objects, speed)
     if not Path(path).is_file():
-        net, accuracy = train_judge(path, frames, size, max_objects, **train_kwargs)
+        net, accuracy = train_judge(path, frames, size, max_objects, speed, **train_kwargs)
         return net, {"accuracy": accuracy, "data": key}
     return load_judge(path, key)
