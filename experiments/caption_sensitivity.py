@@ -44,6 +44,22 @@ def mean_clip_error(train: dict, test: dict, keys: list[str]) -> float:
     return ((pred - test["videos"]) ** 2).mean().item()
 
 
+def one_object_sets(data: dict, clips: int) -> tuple[dict, dict]:
+    """`clips` held-out one-object clips of a run's data settings, and 64 times as many training clips
+    (for the mean-clip predictor)."""
+    settings = {**clip_settings(data), "max_objects": 1}
+    return (stacked(ShapesDataset(clips, start=10**7, **settings)),
+            stacked(ShapesDataset(64 * clips, start=0, **settings)))
+
+
+@torch.no_grad()
+def clean_estimate_error(module, net, videos: torch.Tensor, noise: torch.Tensor, t_value: float,
+                         context: torch.Tensor) -> float:
+    """MSE of the net's clean estimate x0(x_t, t, c) against the clips, at one noise level."""
+    t = torch.full((len(videos),), t_value, dtype=torch.float64)
+    return ((module.x0(interpolate(videos, noise, t), t, context, net) - videos) ** 2).mean().item()
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,8 +70,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     loaded = load_generator(args.ckpt)
-    settings = {**clip_settings(loaded.config["data"]), "max_objects": 1}
-    test = stacked(ShapesDataset(args.clips, start=10**7, **settings))
+    test, train = one_object_sets(loaded.config["data"], args.clips)
     module = loaded.module
     net = module.net if args.raw else module.sampling_net()
     noise = torch.randn(test["videos"].shape, generator=torch.Generator().manual_seed(0))
@@ -64,11 +79,8 @@ def main() -> None:
                      for name, change in CHANGES.items()})
     lines = ["| t | " + " | ".join(contexts) + " |", "|---|" + "---|" * len(contexts)]
     for t_value in (float(v) for v in args.times.split(",")):
-        t = torch.full((args.clips,), t_value, dtype=torch.float64)
-        x_t = interpolate(test["videos"], noise, t)
-        errors = [((module.x0(x_t, t, c, net) - test["videos"]) ** 2).mean().item() for c in contexts.values()]
+        errors = [clean_estimate_error(module, net, test["videos"], noise, t_value, c) for c in contexts.values()]
         lines.append(f"| {t_value} | " + " | ".join(f"{e:.4f}" for e in errors) + " |")
-    train = stacked(ShapesDataset(64 * args.clips, start=0, **settings))
     mean = {"nothing": [], "colour": ["color"], "colour, shape": ["color", "shape"],
             "colour, direction": ["color", "direction"], "colour, shape, direction": list(ATTRIBUTES)}
     lines += ["", "| t = 1, mean clip given | MSE |", "|---|---|"]

@@ -21,26 +21,20 @@ import time
 from pathlib import Path
 
 import torch
-from caption_sensitivity import captions_with, mean_clip_error
+from caption_sensitivity import captions_with, clean_estimate_error, mean_clip_error, one_object_sets
 from teacher_speed import teacher_training
 from tqdm import tqdm
-
-from lightning_tmd.data.shapes import ShapesDataset, clip_settings, stacked
-from lightning_tmd.schedules import interpolate
 
 HEADER = ("| probe | overrides | step | clips | MSE true caption | opposite direction | other colour "
           "| direction gap | mean-clip direction gain (bound) |\n|---|---|---|---|---|---|---|---|---|\n")
 
 
-@torch.no_grad()
 def errors_at_noise(module, prompts, test: dict, noise: torch.Tensor) -> dict[str, float]:
     """Clean-estimate MSE at t = 1 with the true caption, the opposite direction and the next colour."""
-    t = torch.ones(len(noise), dtype=torch.float64)
-    x_t = interpolate(test["videos"], noise, t)
     captions = {"true": captions_with(test["labels"]), "opposite": captions_with(test["labels"], "direction", 4),
                 "colour": captions_with(test["labels"], "color", 1)}
     module.net.eval()
-    errors = {k: ((module.x0(x_t, t, prompts(c).states) - test["videos"]) ** 2).mean().item()
+    errors = {k: clean_estimate_error(module, module.net, test["videos"], noise, 1.0, prompts(c).states)
               for k, c in captions.items()}
     module.net.train()
     return errors
@@ -60,9 +54,7 @@ def main() -> None:
     overrides = ["stage=teacher", "experiment=shapes_teacher", "data.max_objects=1",
                  f"data.batch_size={args.batch_size}", "stage.module.warmup_steps=0", *args.overrides]
     cfg, datamodule, module, optimizer, next_batch = teacher_training(overrides)  # AdamW at a constant lr
-    settings = {**clip_settings(cfg.data), "max_objects": 1}
-    test = stacked(ShapesDataset(args.clips, start=10**7, **settings))
-    train = stacked(ShapesDataset(64 * args.clips, start=0, **settings))
+    test, train = one_object_sets(cfg.data, args.clips)
     bound = mean_clip_error(train, test, ["color"]) - mean_clip_error(train, test, ["color", "direction"])
     noise = torch.randn(test["videos"].shape, generator=torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(1)
