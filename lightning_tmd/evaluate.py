@@ -38,6 +38,7 @@ from lightning_tmd.video import to_uint8
 COLUMNS = [("model", "model"), ("setting", "setting"), ("nfe", "eff. NFE"), ("fvd", "FVD-shapes ↓"),
            ("adherence", "adherence ↑"), ("count", "count"), ("color", "colour"), ("shape", "shape"),
            ("direction", "direction"), ("size_cv", "size CV ↓"), ("colour_drift", "colour drift ↓"),
+           ("path_jitter", "path jitter px ↓"),
            ("clip_score", "CLIP score"), ("lpips_diversity", "LPIPS div."),
            ("latency_s", "s / clip"), ("clips_per_s", "clips / s")]
 

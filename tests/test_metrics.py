@@ -103,6 +103,13 @@ def test_temporal_consistency_is_low_on_real_clips_and_high_on_flicker():
     assert temporal_consistency(flicker)["size_cv"] > 0.5
 
 
+def test_path_jitter_is_small_for_constant_velocity_and_large_for_jumping_objects():
+    video = stacked(ShapesDataset(64, start=10**7, frames=8, size=32, max_objects=1, speed=0.09))["videos"]
+    jumping = shuffle_frames(video, torch.Generator().manual_seed(0))
+    assert temporal_consistency(video)["path_jitter"] < 0.5  # bounces only
+    assert temporal_consistency(jumping)["path_jitter"] > 3.0
+
+
 def test_clip_score_runs_with_weights_from_a_file(tmp_path):
     import open_clip
 
