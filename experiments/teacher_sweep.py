@@ -40,6 +40,10 @@ VARIANTS: dict[str, list[str]] = {
     "patch8_bs32_vocab": ["model.config.patch_size=[1,8,8]", "data.batch_size=32", "text=vocab"],
     "positions_shift3": ["model.position_frequencies=3", "model.config.in_channels=21",
                          "stage.module.time_sampling=shifted_uniform", "stage.module.time_shift=3.0"],
+    # on top of --experiment shapes_teacher_motion (speed 0.09, position planes, shift-3 t)
+    "bs32": ["data.batch_size=32"],
+    "tpatch2_bs32": ["model.config.patch_size=[2,4,4]", "data.batch_size=32"],
+    "shift8_bs32": ["data.batch_size=32", "stage.module.time_shift=8.0"],
 }
 
 
@@ -48,13 +52,14 @@ def batch_size_of(overrides: list[str]) -> int:
     return sizes[-1] if sizes else 8
 
 
-def train_command(name: str, root: Path, minutes: float, every: int, extra: list[str],
-                  minilm: str | None = None) -> list[str]:
+def train_command(name: str, root: Path, minutes: float, every: int, extra: list[str], minilm: str | None = None,
+                  experiment: str = "shapes_teacher", workers: int | None = None) -> list[str]:
     overrides = VARIANTS[name]
     if minilm and not any(o.startswith("text=") for o in overrides):
         overrides = [*overrides, f"text.encoder.path={minilm}"]
-    workers = max(1, batch_size_of(overrides) // 16)  # shapes clips are drawn on the CPU: ~5 ms each
-    return [sys.executable, "-m", "lightning_tmd.train", "stage=teacher", "experiment=shapes_teacher",
+    if workers is None:
+        workers = max(1, batch_size_of(overrides) // 16)  # shapes clips are drawn on the CPU: ~5 ms each
+    return [sys.executable, "-m", "lightning_tmd.train", "stage=teacher", f"experiment={experiment}",
             f"run_name=sweep_{name}", f"hydra.run.dir={root / name}", "trainer.max_steps=1000000",
             max_time(minutes),
             f"callbacks.checkpoint.every_n_train_steps={every}", "~callbacks.samples", "~callbacks.progress",
@@ -141,17 +146,18 @@ def report(root: Path, names: list[str]) -> str:
     costs_file = root / "cpu_costs.json"
     costs = json.loads(costs_file.read_text()) if costs_file.is_file() else {}
     lines = ["| variant | overrides | step | clips seen | CPU min | FVD-shapes ↓ | adherence | count | colour | shape "
-             "| direction | size CV ↓ |", "|" + "---|" * 12]
+             "| direction | size CV ↓ | path jitter px ↓ |", "|" + "---|" * 13]
     for name in names:
         scores = root / name / "scores.json"
         if not scores.is_file():
-            lines.append(f"| {name} | {' '.join(VARIANTS[name]) or '–'} | no scores | | | | | | | | | |")
+            lines.append(f"| {name} | {' '.join(VARIANTS[name]) or '–'} | no scores | | | | | | | | | | |")
             continue
         for r in json.loads(scores.read_text()):
             cpu = f"{r['step'] * costs[name] / 60:.0f}" if name in costs else "–"
+            jitter = f"{r['path_jitter']:.2f}" if "path_jitter" in r else "–"  # scored before the metric existed
             lines.append(f"| {name} | {' '.join(VARIANTS[name]) or '–'} | {r['step']} | {r['clips_seen']} | {cpu} "
                          f"| {r['fvd']:.1f} | {r['adherence']:.3f} | {r['count']:.3f} | {r['color']:.3f} "
-                         f"| {r['shape']:.3f} | {r['direction']:.3f} | {r['size_cv']:.3f} |")
+                         f"| {r['shape']:.3f} | {r['direction']:.3f} | {r['size_cv']:.3f} | {jitter} |")
     return "\n".join(lines) + "\n"
 
 
@@ -159,6 +165,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="all", help="comma-separated names of VARIANTS, or all")
     parser.add_argument("--root", default="runs/teacher_sweep")
+    parser.add_argument("--experiment", default="shapes_teacher", help="the experiment every variant overrides")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="data workers per variant (default: one per 16 clips of a batch)")
     parser.add_argument("--minutes", type=float, default=5.0, help="training wall time of every variant")
     parser.add_argument("--every", type=int, default=500, help="checkpoint interval (steps)")
     parser.add_argument("--eval-every", type=int, default=1000, help="score checkpoints at multiples of this")
@@ -196,7 +205,8 @@ def main() -> None:
         if taken:
             parser.error(f"--root: {root} already holds runs {taken}: remove them or give another --root")
         started = time.perf_counter()
-        run_all({n: train_command(n, root, args.minutes, args.every, args.extra, args.minilm) for n in names},
+        run_all({n: train_command(n, root, args.minutes, args.every, args.extra, args.minilm, args.experiment,
+                                  args.workers) for n in names},
                 {n: root / n / "train.log" for n in names}, args.threads)
         print(f"trained in {time.perf_counter() - started:.0f} s", flush=True)
         score = [sys.executable, __file__, "--judge", str(Path(args.judge).resolve()), "--samples", str(args.samples),
