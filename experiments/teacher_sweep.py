@@ -44,6 +44,7 @@ VARIANTS: dict[str, list[str]] = {
     "bs32": ["data.batch_size=32"],
     "tpatch2_bs32": ["model.config.patch_size=[2,4,4]", "data.batch_size=32"],
     "shift8_bs32": ["data.batch_size=32", "stage.module.time_shift=8.0"],
+    "bs128": ["data.batch_size=128"],
 }
 
 
