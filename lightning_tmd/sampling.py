@@ -19,17 +19,35 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t (B,
 
 
 @torch.no_grad()
-def euler_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+def euler_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor, churn: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Integrate dx/dt = v from grid[0] (noise) to grid[-1] (data): x <- x - (t - t') v(x, t).
 
     `grid` is a float64 tensor listed from noise to data (see `schedules.shifted_grid`); the step
-    arithmetic runs in float64 time, the network in the noise's dtype.
+    arithmetic runs in float64 time, the network in the noise's dtype. With `churn` > 0 the sampler is
+    stochastic (EDM's churn, on the flow path): before each step, x_t is moved back to the noisier
+    t_hat = min(t (1 + churn), grid[0]) with fresh noise from `generator` (`renoise`), then stepped
+    from t_hat, so later steps can correct what earlier ones decided. Same NFE.
     """
     x = noise
+    t_top = float(grid[0])
     for t, t_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        if churn > 0:
+            t_hat = min(t * (1 + churn), t_top)
+            x, t = renoise(x, t, t_hat, generator), t_hat
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float64)
         x = x - (t - t_next) * velocity(x, t_batch).to(x.dtype)
     return x
+
+
+def renoise(x_t: torch.Tensor, t: float, t_hat: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x_t of the path x_t = (1 - t) x0 + t eps moved to the noisier t_hat >= t: scale the clean part by
+    a = (1 - t_hat) / (1 - t) and add fresh noise of std sqrt(t_hat^2 - a^2 t^2)."""
+    if t_hat <= t:
+        return x_t
+    a = (1 - t_hat) / (1 - t)
+    fresh = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+    return a * x_t + (t_hat**2 - (a * t) ** 2) ** 0.5 * fresh
 
 
 def teacher_nfe(steps: int, guidance_scale: float) -> int:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_tmd.sampling import euler_sample, teacher_nfe
+from lightning_tmd.sampling import euler_sample, renoise, teacher_nfe
 from lightning_tmd.schedules import sample_shifted_uniform, sample_train_times, shift, shifted_grid
 
 
@@ -36,3 +36,18 @@ def test_euler_sampler_is_exact_for_a_straight_flow():
     out = euler_sample(lambda x, t: noise - data, noise, grid)
     torch.testing.assert_close(out, data)
     assert teacher_nfe(50, 4.0) == 100 and teacher_nfe(50, 1.0) == 50
+
+
+def test_stochastic_sampler_lands_on_the_data_of_an_exact_denoiser():
+    """With churn, x_t is re-noised before every step; for a point-mass data set the exact velocity
+    (x - data) / t still brings every path to the data, and renoise keeps the path's noise level."""
+    data, noise = torch.randn(4, 3), torch.randn(4, 3)
+    grid = shifted_grid(10, 3)
+    out = euler_sample(lambda x, t: (x - data) / t[:, None].float(), noise, grid, churn=0.5,
+                       generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, data, atol=1e-5, rtol=0)
+    x_t = (1 - 0.3) * data[0] + 0.3 * noise[0]
+    moved = renoise(x_t.expand(20000, 3), 0.3, 0.6, torch.Generator().manual_seed(1))
+    a = 0.4 / 0.7  # clean part (1 - 0.3) -> (1 - 0.6); total noise std 0.3 -> 0.6
+    torch.testing.assert_close(moved.mean(0), a * x_t, atol=0.02, rtol=0)
+    torch.testing.assert_close(moved.std(0), torch.full((3,), (0.6**2 - (a * 0.3) ** 2) ** 0.5), atol=0.02, rtol=0)

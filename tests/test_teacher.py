@@ -45,6 +45,19 @@ def test_sample_reports_nfe_and_is_seeded():
     assert run(guidance_scale=1.0)[1] == 3
 
 
+def test_stochastic_sampler_is_fixed_by_the_starting_noise():
+    module = teacher()
+    ctx, neg = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    noise = torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def run(churn):
+        return module.sample(ctx, neg, noise=noise, steps=3, churn=churn)
+
+    clips, nfe = run(0.3)
+    assert nfe == 6 and torch.equal(clips, run(0.3)[0])  # churn noise seeded by the starting noise
+    assert not torch.allclose(clips, run(0.0)[0])
+
+
 def test_ema_follows_the_weights():
     module = teacher(ema_decay=0.5)
     before = [p.clone() for p in module.ema.module.parameters()]

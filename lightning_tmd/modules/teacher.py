@@ -10,7 +10,7 @@ import torch
 from lightning_tmd.losses import flow_matching_loss
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.nets.wan import WanNet
-from lightning_tmd.sampling import euler_sample, teacher_nfe
+from lightning_tmd.sampling import euler_sample, noise_seeded_generator, teacher_nfe
 from lightning_tmd.schedules import interpolate, sample_train_times, shifted_grid
 
 
@@ -33,7 +33,7 @@ class TeacherModule(GeneratorModule):
                  min_lr_ratio: float = 0.1, time_sampling: str = "logit_normal",
                  time_shift: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0,
                  cond_dropout: float = 0.1, ema_decay: float | None = 0.999, sample_steps: int = 50,
-                 sample_shift: float = 3.0, guidance_scale: float = 4.0) -> None:
+                 sample_shift: float = 3.0, guidance_scale: float = 4.0, sample_churn: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = WanNet.from_settings(model)
@@ -64,17 +64,20 @@ class TeacherModule(GeneratorModule):
     def sample(self, context: torch.Tensor, negative_context: torch.Tensor | None = None,
                noise: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
                steps: int | None = None, shift: float | None = None,
-               guidance_scale: float | None = None,
+               guidance_scale: float | None = None, churn: float | None = None,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         """Euler flow sampling on a shifted grid; returns (clips, NFE).
 
         Give `noise` (B, C, T, H, W) or `shape` (C, T, H, W) (noise then comes from `generator`).
-        CFG runs when `guidance_scale != 1` (then `negative_context` is required).
+        CFG runs when `guidance_scale != 1` (then `negative_context` is required). `churn` > 0 makes
+        the sampler stochastic (see `euler_sample`); its noise comes from `generator`, else from a
+        generator seeded by the starting noise, so a given noise always gives the same clips.
         """
         hp = self.hparams
         steps = steps or hp.sample_steps
         shift = hp.sample_shift if shift is None else shift
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
+        churn = hp.sample_churn if churn is None else churn
         if noise is None:
             noise = torch.randn((len(context), *shape), generator=generator, device=self.device)
         net = self.sampling_net()
@@ -93,7 +96,9 @@ class TeacherModule(GeneratorModule):
 
         was_training = net.training
         net.eval()
-        clips = euler_sample(velocity, noise.to(self.device), shifted_grid(steps, shift))
+        noise = noise.to(self.device)
+        churn_noise = generator if generator is not None or not churn else noise_seeded_generator(noise, noise.device)
+        clips = euler_sample(velocity, noise, shifted_grid(steps, shift), churn, churn_noise)
         net.train(was_training)
         return clips, teacher_nfe(steps, scale)
 
