@@ -6,6 +6,8 @@ error the best caption-only predictor (the mean clip per caption attribute) reac
 
 A gap of zero for an attribute means the net ignores that word. At t = 1 the best prediction is the mean
 clip given the caption, so the column "mean clip" shows how much each attribute could lower the error.
+The column "frames shuffled" is the error on the same clips with their frames in another order (true
+caption): how much the net leans on the order of the frames, i.e. on motion, to denoise.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from lightning_tmd.data.shapes import ATTRIBUTES, ShapesDataset, caption_of, clip_settings, stacked
 from lightning_tmd.generators import load_generator
+from lightning_tmd.metrics.video import shuffle_frames
 from lightning_tmd.schedules import interpolate
 
 CHANGES = {"colour + 1": ("color", 1), "shape + 1": ("shape", 1), "direction + 1": ("direction", 1),
@@ -77,9 +80,11 @@ def main() -> None:
     contexts = {"true caption": loaded.prompts(captions_with(test["labels"])).states}
     contexts.update({name: loaded.prompts(captions_with(test["labels"], *change)).states
                      for name, change in CHANGES.items()})
-    lines = ["| t | " + " | ".join(contexts) + " |", "|---|" + "---|" * len(contexts)]
+    shuffled = shuffle_frames(test["videos"], torch.Generator().manual_seed(1))
+    lines = ["| t | " + " | ".join(contexts) + " | frames shuffled |", "|---|" + "---|" * (len(contexts) + 1)]
     for t_value in (float(v) for v in args.times.split(",")):
         errors = [clean_estimate_error(module, net, test["videos"], noise, t_value, c) for c in contexts.values()]
+        errors.append(clean_estimate_error(module, net, shuffled, noise, t_value, contexts["true caption"]))
         lines.append(f"| {t_value} | " + " | ".join(f"{e:.4f}" for e in errors) + " |")
     mean = {"nothing": [], "colour": ["color"], "colour, shape": ["color", "shape"],
             "colour, direction": ["color", "direction"], "colour, shape, direction": list(ATTRIBUTES)}
