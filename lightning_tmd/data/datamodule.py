@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lightning_tmd.data.shapes import ShapesDataset
+from lightning_tmd.data.shapes import DEFAULT_SPEED, ShapesDataset
 from lightning_tmd.nets.text import PromptEncoder, TextEncoder
 from lightning_tmd.parallel import process_rank
 
@@ -97,7 +97,7 @@ class ShapesDataModule(L.LightningDataModule):
     def __init__(self, text_encoder: TextEncoder | None, negative_prompt: str | None = "", frames: int = 8,
                  size: int = 32, max_objects: int = 2, num_train: int = 1_000_000, num_val: int = 256,
                  batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
-                 seed: int = 0, shard: bool = True, speed: float = 0.06) -> None:
+                 seed: int = 0, shard: bool = True, speed: float = DEFAULT_SPEED) -> None:
         super().__init__()
         self.prompts = PromptEncoder(text_encoder, negative_prompt) if text_encoder is not None else None
         clip = dict(seed=seed, frames=frames, size=size, max_objects=max_objects, speed=speed)

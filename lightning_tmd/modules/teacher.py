@@ -97,8 +97,9 @@ class TeacherModule(GeneratorModule):
         was_training = net.training
         net.eval()
         noise = noise.to(self.device)
-        churn_noise = generator if generator is not None or not churn else noise_seeded_generator(noise, noise.device)
-        clips = euler_sample(velocity, noise, shifted_grid(steps, shift), churn, churn_noise)
+        if churn and generator is None:
+            generator = noise_seeded_generator(noise, self.device)
+        clips = euler_sample(velocity, noise, shifted_grid(steps, shift), churn, generator)
         net.train(was_training)
         return clips, teacher_nfe(steps, scale)
 
