@@ -104,7 +104,7 @@ def checkpoints_to_score(run: Path, eval_every: int) -> list[tuple[int, Path]]:
 
 def score_run(run: Path, judge_path: str, samples: int, eval_every: int, device: str) -> list[dict]:
     """Judge scores of every chosen checkpoint of one run (written to `<run>/scores.json` as they come)."""
-    from lightning_tmd.data.shapes import clip_settings
+    from lightning_tmd.data.shapes import clip_key, clip_settings
     from lightning_tmd.evaluate import held_out_set, quality
     from lightning_tmd.generators import load_generator
     from lightning_tmd.metrics.judge import JudgeFeatures, load_judge
@@ -117,7 +117,7 @@ def score_run(run: Path, judge_path: str, samples: int, eval_every: int, device:
         loaded = load_generator(path, device)
         data = clip_settings(loaded.config["data"])
         if not rows:
-            judge, _ = load_judge(judge_path, {k: v for k, v in data.items() if k != "seed"})
+            judge, _ = load_judge(judge_path, clip_key(data))
             real = held_out_set(data, samples, offset=0)
             fvd = frechet_video_distance(JudgeFeatures(judge))
             update_in_batches(fvd, real["videos"], real=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_tmd.data.shapes import clip_settings
+from lightning_tmd.data.shapes import clip_key
 from lightning_tmd.nets.wan import transformer_config
 
 
@@ -111,8 +111,8 @@ def check_same_clips(field: str, trained: dict, ours: dict) -> None:
     keys = ("frames", "size", "max_objects")
     if not all(k in trained and k in ours for k in keys):
         return  # latents or other data: their own checks apply
-    theirs, mine = clip_settings({**trained, "seed": 0}), clip_settings({**ours, "seed": 0})
-    for key in (*keys, "speed"):
+    theirs, mine = clip_key(trained), clip_key(ours)
+    for key in theirs:
         if theirs[key] != mine[key]:
             raise ValueError(f"data.{key}={mine[key]} but {field} was trained on clips with {key}={theirs[key]}: "
                              f"set data.{key}={theirs[key]} or use a checkpoint trained on these clips")

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_tmd.data.datamodule import VAL_START
-from lightning_tmd.data.shapes import ShapesDataset, clip_settings, stacked
+from lightning_tmd.data.shapes import ShapesDataset, clip_key, clip_settings, stacked
 from lightning_tmd.generators import LoadedGenerator, load_generator
 from lightning_tmd.metrics.judge import JudgeFeatures, ShapesJudgeNet, ensure_judge, judge_accuracy, judge_file_name
 from lightning_tmd.metrics.video import (
@@ -50,17 +50,14 @@ def held_out_set(data: dict[str, int], count: int, offset: int) -> dict[str, Any
 
 def data_settings(cfg: DictConfig, models: dict[str, LoadedGenerator]) -> dict[str, int]:
     """Clip settings of the evaluation: `cfg.data`, else the first model's; all models must agree."""
-    def of(loaded: LoadedGenerator) -> dict[str, int]:
-        return clip_settings(loaded.config["data"])
-
     if cfg.data is not None:
         data = clip_settings(dict(cfg.data))
     elif models:
-        data = of(next(iter(models.values())))
+        data = clip_settings(next(iter(models.values())).config["data"])
     else:
         raise ValueError("data: give the clip settings {frames, size, max_objects, seed} or at least one model")
     for name, loaded in models.items():
-        clip = {k: v for k, v in of(loaded).items() if k != "seed"}
+        clip = clip_key(loaded.config["data"])
         if any(clip[k] != data[k] for k in clip):
             raise ValueError(f"models.{name}: trained on clips {clip}, the evaluation uses {data}")
     return data
@@ -152,8 +149,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     models = {name: load_generator(m.ckpt, cfg.device) for name, m in (cfg.models or {}).items()}
     data = data_settings(cfg, models)
     judge_path = cfg.judge.path or cache_dir / judge_file_name(data)
-    judge, judge_info = ensure_judge(judge_path, data["frames"], data["size"], data["max_objects"], data["speed"],
-                                     steps=cfg.judge.steps, batch_size=cfg.judge.batch_size)
+    judge, judge_info = ensure_judge(judge_path, **clip_key(data), steps=cfg.judge.steps,
+                                     batch_size=cfg.judge.batch_size)
     torch.manual_seed(cfg.seed)
     n = cfg.num_samples
     real = held_out_set(data, n, offset=cfg.seed * 4 * n)

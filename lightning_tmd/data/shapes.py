@@ -81,7 +81,7 @@ class ShapesDataset(Dataset):
             raise ValueError(f"data.max_objects must be 1 or 2, got {max_objects}")
         if speed <= 0:
             raise ValueError(f"data.speed={speed}: objects must move; give a positive fraction of the clip "
-                             "size per frame (0.06 by default)")
+                             f"size per frame ({DEFAULT_SPEED} by default)")
         self.length, self.start, self.seed = length, start, seed
         self.frames, self.size, self.max_objects = frames, size, max_objects
         self.radius = radius * size  # pixels
@@ -152,11 +152,16 @@ class ShapesDataset(Dataset):
         }
 
 
-def clip_settings(data: dict) -> dict:
-    """The settings that define the clips of a data config: frames, size, max_objects, speed, seed
-    (configs written before `speed` was a setting used the default speed)."""
+def clip_key(data: dict) -> dict:
+    """What the clips of a data config look like: frames, size, max_objects, speed (configs written
+    before `speed` was a setting used the default speed). Judges and checkpoints are tied to it."""
     return {"frames": data["frames"], "size": data["size"], "max_objects": data["max_objects"],
-            "speed": data.get("speed", DEFAULT_SPEED), "seed": data["seed"]}
+            "speed": data.get("speed", DEFAULT_SPEED)}
+
+
+def clip_settings(data: dict) -> dict:
+    """The settings that define the clips of a data config: `clip_key` and the seed."""
+    return {**clip_key(data), "seed": data["seed"]}
 
 
 def stacked(dataset: ShapesDataset) -> dict:
