@@ -94,11 +94,12 @@ def check_matching_checkpoint(cfg: DictConfig, field: str, path: str, hint: str)
     trained = checkpoint.get("run_config")
     if trained is not None:
         ours = OmegaConf.to_container(cfg, resolve=True)
-        for group, key in (("model", "config"), ("model", "position_frequencies"), ("text", "encoder"),
-                           ("text", "negative_prompt")):
+        defaults = {"position_frequencies": 0, "prediction": "velocity", "sigma_data": 1.0}
+        for group, key in (("model", "config"), ("model", "position_frequencies"), ("model", "prediction"),
+                           ("model", "sigma_data"), ("text", "encoder"), ("text", "negative_prompt")):
             theirs, mine = trained[group].get(key), ours[group].get(key)
-            if key == "position_frequencies":  # runs from before the setting existed have none
-                theirs, mine = theirs or 0, mine or 0
+            if key in defaults:  # runs from before the setting existed have none
+                theirs, mine = theirs or defaults[key], mine or defaults[key]
             if theirs != mine:
                 raise ValueError(f"{group}.{key}: {mine} differs from the one {field} was trained with "
                                  f"({theirs}); use that checkpoint's {group}")

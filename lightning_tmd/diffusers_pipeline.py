@@ -61,6 +61,7 @@ class TMDStudentModel(ModelMixin, ConfigMixin):
         kind: "tmd" (backbone + recurrent flow head, Algorithm 1) or "one_pass" (DMD2-v, Eq. 18).
         transformer: the `WanTransformer3DModel` keyword arguments of the student's Wan.
         position_frequencies: Fourier position planes the Wan takes beside the clip (`WanNet.with_positions`).
+        prediction, sigma_data: what the Wan's output is (`WanNet.velocity`: "velocity", or "edm" preconditioning).
         sample_shape: (C, T, H, W) of the clips (latents) the student was trained on.
         text: how prompts were embedded: {"kind": one of TEXT_KINDS, "dim", "max_length", "negative_prompt",
             and "seed" for the vocabulary encoder}.
@@ -77,13 +78,15 @@ class TMDStudentModel(ModelMixin, ConfigMixin):
                  negative_prompt_shape: list[int], outer_steps: int, outer_shift: float, t_max: float = 0.999,
                  head_blocks: int | None = None, inner_steps: int | None = None, inner_shift: float | None = None,
                  fusion: str | None = None, inner_target: str | None = None,
-                 clean_estimate: str | None = None, position_frequencies: int = 0) -> None:
+                 clean_estimate: str | None = None, position_frequencies: int = 0, prediction: str = "velocity",
+                 sigma_data: float = 1.0) -> None:
         super().__init__()
         if kind not in STUDENT_KINDS:
             raise ValueError(f"student/config.json: kind '{kind}' is unknown: use one of {STUDENT_KINDS}")
         if text.get("kind") not in TEXT_KINDS:
             raise ValueError(f"student/config.json: text.kind '{text.get('kind')}' is unknown: use one of {TEXT_KINDS}")
-        wan = WanNet.from_config(transformer, position_frequencies=position_frequencies)
+        wan = WanNet.from_config(transformer, position_frequencies=position_frequencies, prediction=prediction,
+                                 sigma_data=sigma_data)
         if kind == "tmd":
             missing = [n for n, v in (("head_blocks", head_blocks), ("inner_steps", inner_steps),
                                       ("inner_shift", inner_shift)) if v is None]

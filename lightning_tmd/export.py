@@ -105,6 +105,8 @@ def student_model_config(student: StudentCheckpoint, transformer: dict[str, Any]
     config = {"kind": student.kind, "transformer": transformer,
               "sample_shape": list(clip_shape(student.config, transformer["out_channels"])),
               "position_frequencies": int(student.settings["model"].get("position_frequencies") or 0),
+              "prediction": student.settings["model"].get("prediction") or "velocity",
+              "sigma_data": float(student.settings["model"].get("sigma_data") or 1.0),
               "text": text.settings, "negative_prompt_shape": list(text.negative.shape),
               "outer_steps": s["outer_steps"], "outer_shift": s["outer_shift"], "t_max": s["t_max"]}
     if student.kind == "tmd":

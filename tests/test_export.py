@@ -322,17 +322,19 @@ def test_export_and_pipeline_errors_name_the_fix(stage1, smoke_checkpoint, tmp_p
         pipe(prompt=PROMPTS, output_type="pil")
 
 
-def test_a_student_with_position_planes_round_trips_through_save_pretrained(tmp_path):
+def test_a_student_with_position_planes_and_edm_prediction_round_trips_through_save_pretrained(tmp_path):
     from conftest import TINY_WAN
 
     from lightning_tmd.diffusers_pipeline import TMDStudentModel
 
     model = TMDStudentModel(kind="one_pass", transformer={**TINY_WAN, "in_channels": 3 + 6}, sample_shape=[3, 4, 8, 8],
                             text={"kind": "embeddings", "dim": 16, "max_length": 5, "negative_prompt": ""},
-                            negative_prompt_shape=[5, 16], outer_steps=2, outer_shift=5.0, position_frequencies=1)
+                            negative_prompt_shape=[5, 16], outer_steps=2, outer_shift=5.0, position_frequencies=1,
+                            prediction="edm", sigma_data=0.5)
     model.save_pretrained(tmp_path)
     loaded = TMDStudentModel.from_pretrained(tmp_path)
     assert loaded.wan.position_frequencies == 1
+    assert (loaded.wan.prediction, loaded.wan.sigma_data) == ("edm", 0.5)
     x, t, ctx = torch.randn(2, 3, 4, 8, 8), torch.tensor([900.0, 30.0]), torch.randn(2, 5, 16)
     with torch.no_grad():
         assert torch.equal(loaded.wan(x, t, ctx), model.wan(x, t, ctx))

@@ -11,7 +11,7 @@ from lightning_tmd.nets.text import (
     VocabTextEncoder,
     pretrained_text_dim,
 )
-from lightning_tmd.nets.wan import WanNet
+from lightning_tmd.nets.wan import WanNet, edm_coefficients
 
 
 def inputs(batch=2):
@@ -53,6 +53,38 @@ def test_position_planes_feed_an_absolute_position_to_the_patch_embedding():
 def test_channel_counts_that_do_not_fit_the_position_planes_are_refused(in_channels, frequencies):
     with pytest.raises(ValueError, match="in_channels"):
         WanNet.from_config({**TINY_WAN, "in_channels": in_channels}, position_frequencies=frequencies)
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.0])
+def test_edm_coefficients_leave_a_unit_scale_target(sigma_data):
+    """c_skip minimises the RMS of v - c_skip x_t and c_out is that RMS (data of RMS sigma_data)."""
+    g = torch.Generator().manual_seed(0)
+    x = sigma_data * torch.randn(400_000, generator=g, dtype=torch.float64)
+    noise = torch.randn(400_000, generator=g, dtype=torch.float64)
+
+    def rms(t: float, c_skip: float) -> float:
+        return ((noise - x - c_skip * ((1 - t) * x + t * noise)) ** 2).mean().sqrt().item()
+
+    for t in (0.0, 0.3, 0.7, 0.95, 1.0):
+        c_skip, c_out = (c.item() for c in edm_coefficients(torch.tensor(t, dtype=torch.float64), sigma_data))
+        assert rms(t, c_skip) == pytest.approx(c_out, rel=0.01)
+        assert rms(t, c_skip) < min(rms(t, c_skip + 0.05), rms(t, c_skip - 0.05))
+    assert edm_coefficients(torch.tensor(1.0), sigma_data) == (1.0, sigma_data)  # v = x_t + sd F: F is -x0 / sd
+    assert edm_coefficients(torch.tensor(0.0), sigma_data) == (-1.0, 1.0)  # v = -x_t + F: F is the noise
+
+
+def test_edm_prediction_wraps_the_same_transformer_output():
+    net = WanNet.from_config(TINY_WAN, prediction="edm", sigma_data=0.5).eval()
+    x, _, ctx = inputs()
+    t = torch.tensor([1.0, 0.3], dtype=torch.float64)
+    with torch.no_grad():
+        out = net(x, 1000 * t.float(), ctx)
+        c_skip, c_out = edm_coefficients(t.view(-1, 1, 1, 1, 1), 0.5)
+        assert torch.allclose(net.velocity(x, t, ctx), (c_skip * x + c_out * out).float(), atol=1e-6)
+        # at t = 1 the clean estimate is the net's own output alone, whatever the noise
+        assert torch.allclose(net.x0(x, t, ctx)[0], -0.5 * out[0], atol=1e-6)
+    with pytest.raises(ValueError, match="model.prediction"):
+        WanNet.from_config(TINY_WAN, prediction="x0")
 
 
 def test_embed_time_matches_the_condition_embedder():

@@ -247,3 +247,8 @@ def test_student_initialises_from_a_wan_diffusers_folder(tmp_path):
         expected = teacher(x_t, wan_timestep(t), context)
         got = module.net.head(torch.randn(SHAPE, generator=g), t, t, module.net.backbone(x_t, t, context))
     assert (got - expected).abs().max() <= 1e-5
+
+
+def test_a_student_refuses_an_edm_teacher():
+    with pytest.raises(ValueError, match="model.prediction='edm'"):
+        TMDStudent(WanNet.from_config(TINY_WAN, prediction="edm"), head_blocks=1)

@@ -111,6 +111,9 @@ class TMDStudent(nn.Module):
         if not 1 <= head_blocks < wan.num_blocks:
             raise ValueError(f"head_blocks={head_blocks} must be in 1..{wan.num_blocks - 1} "
                              f"(the teacher has {wan.num_blocks} blocks)")
+        if wan.prediction != "velocity":
+            raise ValueError(f"model.prediction='{wan.prediction}': the TMD student's flow head reads the Wan "
+                             "output as a velocity; distil from a teacher with model.prediction=velocity")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion '{fusion}' is unknown: use one of {FUSIONS}")
         if inner_target not in INNER_TARGETS:

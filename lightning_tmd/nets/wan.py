@@ -91,6 +91,23 @@ def transformer_config(path: str | Path) -> dict[str, Any]:
     return json.loads((resolve_transformer_folder(path) / "config.json").read_text())
 
 
+PREDICTIONS = ("velocity", "edm")
+
+
+def edm_coefficients(t: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of EDM's preconditioning on the flow path x_t = (1 - t) x + t noise, for the velocity
+    target v = noise - x: v = c_skip x_t + c_out F. c_skip minimises E|v - c_skip x_t|^2 for data of second
+    moment sigma_data^2 and c_out is the remaining RMS, so F's target has unit scale at every t:
+
+        c_skip = (t - (1 - t) sd^2) / (t^2 + (1 - t)^2 sd^2),   c_out = sd / sqrt(t^2 + (1 - t)^2 sd^2).
+
+    At t = 1 this is v = x_t + sd F (F predicts -x / sd; the input noise passes through exactly, where a
+    velocity net has to copy it through every block); at t = 0 it is v = -x_t + F (F predicts the noise)."""
+    s, sd2 = 1 - t, sigma_data**2
+    denominator = t**2 + s**2 * sd2
+    return (t - s * sd2) / denominator, sigma_data / denominator.sqrt()
+
+
 def position_planes(frequencies: int) -> int:
     """Input channels that `fourier_position_planes` adds: sin and cos per axis (t, y, x) and frequency."""
     return 6 * frequencies
@@ -113,8 +130,12 @@ class WanNet(nn.Module):
     fsdp_methods = ("embed", "patchify", "time_embedding", "time_modulation", "unembed", "block_features")
 
     def __init__(self, transformer: WanTransformer3DModel, checkpoint_blocks: bool = False,
-                 position_frequencies: int = 0) -> None:
+                 position_frequencies: int = 0, prediction: str = "velocity", sigma_data: float = 1.0) -> None:
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"model.prediction='{prediction}' is unknown: use one of {PREDICTIONS}")
+        if sigma_data <= 0:
+            raise ValueError(f"model.sigma_data={sigma_data}: give the data's RMS, a positive number")
         c = transformer.config
         expected = c.out_channels + position_planes(position_frequencies)
         if c.in_channels != expected:
@@ -126,47 +147,52 @@ class WanNet(nn.Module):
         self.transformer = transformer
         self.checkpoint_blocks = checkpoint_blocks
         self.position_frequencies = position_frequencies
+        self.prediction = prediction
+        self.sigma_data = sigma_data
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: dict[str, Any], checkpoint_blocks: bool = False,
-                    position_frequencies: int = 0) -> WanNet:
+                    position_frequencies: int = 0, prediction: str = "velocity", sigma_data: float = 1.0) -> WanNet:
         """Randomly initialised net from `WanTransformer3DModel` keyword arguments."""
         config = dict(config)
         if "patch_size" in config:
             config["patch_size"] = tuple(config["patch_size"])
-        return cls(WanTransformer3DModel(**config), checkpoint_blocks, position_frequencies)
+        return cls(WanTransformer3DModel(**config), checkpoint_blocks, position_frequencies, prediction, sigma_data)
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, torch_dtype: torch.dtype | None = None, checkpoint_blocks: bool = False,
-        position_frequencies: int = 0,
+        position_frequencies: int = 0, prediction: str = "velocity", sigma_data: float = 1.0,
     ) -> WanNet:
         """Load from a local diffusers folder (no downloads). bf16 keeps Wan's fp32 modules in fp32."""
         folder = resolve_transformer_folder(path)
         kwargs = {"local_files_only": True}
         if torch_dtype is not None:
             kwargs["torch_dtype"] = torch_dtype
-        return cls(WanTransformer3DModel.from_pretrained(folder, **kwargs), checkpoint_blocks, position_frequencies)
+        return cls(WanTransformer3DModel.from_pretrained(folder, **kwargs), checkpoint_blocks, position_frequencies,
+                   prediction, sigma_data)
 
     @classmethod
     def build(cls, path: str | None = None, config: dict[str, Any] | None = None,
               torch_dtype: torch.dtype | None = None, checkpoint_blocks: bool = False,
-              position_frequencies: int = 0) -> WanNet:
+              position_frequencies: int = 0, prediction: str = "velocity", sigma_data: float = 1.0) -> WanNet:
         """`from_pretrained(path)` when a path is given, else `from_config(config)`."""
         if path:
-            return cls.from_pretrained(path, torch_dtype, checkpoint_blocks, position_frequencies)
+            return cls.from_pretrained(path, torch_dtype, checkpoint_blocks, position_frequencies, prediction,
+                                       sigma_data)
         if config is None:
             raise ValueError("model: give either model.path (a diffusers folder) or model.config")
-        return cls.from_config(config, checkpoint_blocks, position_frequencies)
+        return cls.from_config(config, checkpoint_blocks, position_frequencies, prediction, sigma_data)
 
     @classmethod
     def from_settings(cls, model: dict[str, Any]) -> WanNet:
         """Build from a model group {"path", "config", "dtype" (a torch dtype name), "checkpoint_blocks",
-        "position_frequencies"}."""
+        "position_frequencies", "prediction", "sigma_data"}."""
         dtype = getattr(torch, model.get("dtype") or "float32")
         return cls.build(model.get("path"), model.get("config"), dtype, bool(model.get("checkpoint_blocks", False)),
-                         int(model.get("position_frequencies") or 0))
+                         int(model.get("position_frequencies") or 0), model.get("prediction") or "velocity",
+                         float(model.get("sigma_data") or 1.0))
 
     def cast(self, dtype: torch.dtype) -> WanNet:
         """Cast the weights to `dtype`, keeping the modules and parameters diffusers keeps in fp32
@@ -293,8 +319,13 @@ class WanNet(nn.Module):
         return self.unembed(hidden, tokens.temb, tokens.grid)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """v(x_t, t, c) with t in [0, 1], shape (B,) (float64 allowed)."""
-        return self(x_t, wan_timestep(t), context.to(x_t.dtype))
+        """v(x_t, t, c) with t in [0, 1], shape (B,) (float64 allowed): the net's output itself (Wan's
+        parametrisation) or, with `prediction="edm"`, c_skip(t) x_t + c_out(t) F (`edm_coefficients`)."""
+        out = self(x_t, wan_timestep(t), context.to(x_t.dtype))
+        if self.prediction == "velocity":
+            return out
+        c_skip, c_out = edm_coefficients(t.double().view(-1, *([1] * (x_t.ndim - 1))), self.sigma_data)
+        return (c_skip * x_t + c_out * out).to(out.dtype)
 
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The clean estimate x0 = x_t - t v(x_t, t, c) (Eq. 17)."""
