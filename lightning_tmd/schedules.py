@@ -69,6 +69,18 @@ def sample_train_times(
     raise ValueError(f"time sampling '{kind}' is unknown: use 'shifted_uniform' or 'logit_normal'")
 
 
+def with_high_noise(t: torch.Tensor, fraction: float, low: float = 0.9, high: float = 0.999,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """t with each entry replaced, with probability `fraction`, by a draw from U(low, high): extra
+    training near pure noise, where a clip's layout and motion are decided."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"high-noise fraction {fraction} must be in [0, 1]")
+    if fraction == 0:
+        return t
+    u = torch.rand((2, len(t)), generator=generator, dtype=torch.float64, device=t.device)
+    return torch.where(u[0] < fraction, low + (high - low) * u[1], t)
+
+
 def broadcast_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """t (B,) -> (B, 1, ..., 1) in x's dtype, to scale a batch of clips per sample."""
     return t.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lightning_tmd.sampling import euler_sample, renoise, teacher_nfe
-from lightning_tmd.schedules import sample_shifted_uniform, sample_train_times, shift, shifted_grid
+from lightning_tmd.schedules import sample_shifted_uniform, sample_train_times, shift, shifted_grid, with_high_noise
 
 
 def test_shifted_grid_values():
@@ -23,6 +23,18 @@ def test_shift_fixes_ends_and_moves_mass_to_noise():
     samples = sample_shifted_uniform(10_000, 5, generator=torch.Generator().manual_seed(0))
     assert samples.min() >= shift(0.001, 5) and samples.max() <= shift(0.999, 5)
     assert samples.median() > 0.75
+
+
+def test_high_noise_fraction_moves_that_share_of_times_near_pure_noise():
+    g = torch.Generator().manual_seed(0)
+    t = sample_shifted_uniform(40_000, 1, generator=g)  # uniform: 10 % above 0.9
+    mixed = with_high_noise(t, 0.5, 0.9, generator=g)
+    assert (mixed > 0.9).double().mean().item() == pytest.approx(0.5 + 0.5 * 0.1, abs=0.01)
+    assert mixed.max() <= 0.999 and torch.equal(with_high_noise(t, 0.0), t)
+    kept = mixed <= 0.9  # below 0.9 every time is one of the original draws
+    assert torch.equal(mixed[kept], t[kept])
+    with pytest.raises(ValueError, match="fraction"):
+        with_high_noise(t, 1.5)
 
 
 def test_unknown_time_sampling_is_named():

@@ -11,7 +11,7 @@ from lightning_tmd.losses import flow_matching_loss
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.sampling import euler_sample, noise_seeded_generator, teacher_nfe
-from lightning_tmd.schedules import interpolate, sample_train_times, shifted_grid
+from lightning_tmd.schedules import interpolate, sample_train_times, shifted_grid, with_high_noise
 
 
 class TeacherModule(GeneratorModule):
@@ -23,6 +23,8 @@ class TeacherModule(GeneratorModule):
         lr, betas, weight_decay, warmup_steps: AdamW with a linear warm-up, then `lr_schedule`:
             "constant", or "cosine" decay to `min_lr_ratio * lr` at the trainer's `max_steps`.
         time_sampling: "logit_normal" or "shifted_uniform" (with `time_shift`).
+        high_noise_fraction, high_noise_min: that fraction of the training times is drawn from
+            U(high_noise_min, 0.999) instead (`schedules.with_high_noise`).
         cond_dropout: probability of replacing a caption by the negative prompt while training.
         ema_decay: EMA of the weights used for sampling, with a warm-up (None: sample with the raw weights).
         sample_steps, sample_shift, guidance_scale: defaults of `sample()`.
@@ -32,7 +34,8 @@ class TeacherModule(GeneratorModule):
                  weight_decay: float = 0.01, warmup_steps: int = 200, lr_schedule: str = "constant",
                  min_lr_ratio: float = 0.1, time_sampling: str = "logit_normal",
                  time_shift: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0,
-                 cond_dropout: float = 0.1, ema_decay: float | None = 0.999, sample_steps: int = 50,
+                 high_noise_fraction: float = 0.0, high_noise_min: float = 0.9, cond_dropout: float = 0.1,
+                 ema_decay: float | None = 0.999, sample_steps: int = 50,
                  sample_shift: float = 3.0, guidance_scale: float = 4.0, sample_churn: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -115,6 +118,7 @@ class TeacherModule(GeneratorModule):
         hp = self.hparams
         t = sample_train_times(len(x), hp.time_sampling, gamma=hp.time_shift, mean=hp.logit_mean,
                                std=hp.logit_std, device=x.device)
+        t = with_high_noise(t, hp.high_noise_fraction, hp.high_noise_min)
         loss = self.flow_loss(batch, t, torch.randn_like(x), self.drop_condition(batch)[0])
         self.log("train/loss", loss, prog_bar=True)
         return loss
