@@ -41,6 +41,18 @@ def test_resume_continues_step_counter_and_optimizer_state(smoke_cfg):
     assert final["lr_schedulers"][0]["last_epoch"] == 20
 
 
+def test_resuming_in_the_run_folder_from_a_periodic_checkpoint_keeps_last_ckpt_current(smoke_cfg):
+    """After a crash a run is resumed in its own folder, often from step_*.ckpt: last.ckpt must then be
+    the newest weights, not a stale file beside a new last-v1.ckpt."""
+    every = "callbacks.checkpoint.every_n_train_steps=10"
+    first = smoke_cfg("trainer.max_steps=20", every)
+    train(first)
+    checkpoints = Path(first.output_dir) / "checkpoints"
+    train(smoke_cfg("trainer.max_steps=30", every, f"ckpt_path={checkpoints / 'step_0000010.ckpt'}"))
+    assert sorted(p.name for p in checkpoints.glob("last*")) == ["last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 30
+
+
 def test_unknown_experiment_is_named(smoke_cfg):
     with pytest.raises(MissingConfigException, match="experiment"):
         smoke_cfg("experiment=no_such_experiment")
