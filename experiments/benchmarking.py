@@ -29,6 +29,14 @@ def write_report(path: str | Path, title: str, command: str, body: str) -> str:
     return text
 
 
+def show_and_save(text: str, out: str | Path | None) -> None:
+    """Print a result and, when `out` is given, write it there (making its folder)."""
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+
+
 def benchmark_arguments(doc: str, steps: int, out: str) -> argparse.ArgumentParser:
     """--steps, --out and the hidden --one (one case, in its own interpreter) of every benchmark."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,9 +13,9 @@ caption): how much the net leans on the order of the frames, i.e. on motion, to 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
+from benchmarking import show_and_save
 
 from lightning_tmd.data.shapes import ATTRIBUTES, ShapesDataset, caption_of, clip_settings, stacked
 from lightning_tmd.generators import load_generator
@@ -92,9 +92,7 @@ def main() -> None:
     lines += [f"| {name} | {mean_clip_error(train, test, keys):.4f} |" for name, keys in mean.items()]
     text = f"Clean-estimate MSE of `{args.ckpt}` ({'raw' if args.raw else 'EMA'} weights), {args.clips} " \
            f"held-out one-object clips:\n\n" + "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    show_and_save(text, args.out)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
+from benchmarking import show_and_save
 
 from lightning_tmd.generators import load_generator
 from lightning_tmd.schedules import shifted_grid
@@ -93,11 +93,7 @@ def main() -> None:
     for t, centroids in trace_sampler(loaded, TRACED, args.steps, args.every):
         for caption, c in zip(TRACED, centroids):
             lines.append(f"| {t:.3f} | {caption} | {numbers(c[:, 0].tolist())} | {numbers(c[:, 1].tolist())} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    show_and_save("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

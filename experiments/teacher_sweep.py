@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchmarking import show_and_save
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> overrides of experiment=shapes_teacher (batch 8, 8x32x32 clips, patch (1,4,4): 512 tokens)
@@ -215,11 +216,7 @@ def main() -> None:
         run_all({n: [*score, "--score", str(root / n)] for n in names}, {n: root / n / "score.log" for n in names},
                 args.threads)
         print(f"trained and scored in {time.perf_counter() - started:.0f} s", flush=True)
-    table = report(root, names)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
+    show_and_save(report(root, names), args.out)
 
 
 if __name__ == "__main__":
