@@ -53,6 +53,14 @@ def test_resuming_in_the_run_folder_from_a_periodic_checkpoint_keeps_last_ckpt_c
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 30
 
 
+def test_a_run_ending_between_periodic_checkpoints_saves_its_final_step(smoke_cfg):
+    cfg = smoke_cfg("trainer.max_steps=15", "callbacks.checkpoint.every_n_train_steps=10")
+    train(cfg)
+    checkpoints = Path(cfg.output_dir) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["last.ckpt", "step_0000010.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 15
+
+
 def test_unknown_experiment_is_named(smoke_cfg):
     with pytest.raises(MissingConfigException, match="experiment"):
         smoke_cfg("experiment=no_such_experiment")

@@ -1,7 +1,9 @@
-"""Lightning callbacks the library lacks: sample videos, RNG state and the run config in checkpoints."""
+"""Lightning callbacks the library lacks: sample videos, RNG state and the run config in checkpoints, and
+a final-step last.ckpt."""
 
+from lightning_tmd.callbacks.checkpoint import RunCheckpoint
 from lightning_tmd.callbacks.config import ConfigInCheckpoint
 from lightning_tmd.callbacks.rng import RNGStateCheckpoint
 from lightning_tmd.callbacks.samples import SampleVideos
 
-__all__ = ["ConfigInCheckpoint", "RNGStateCheckpoint", "SampleVideos"]
+__all__ = ["ConfigInCheckpoint", "RNGStateCheckpoint", "RunCheckpoint", "SampleVideos"]
