@@ -192,7 +192,7 @@ class WanNet(nn.Module):
         dtype = getattr(torch, model.get("dtype") or "float32")
         return cls.build(model.get("path"), model.get("config"), dtype, bool(model.get("checkpoint_blocks", False)),
                          int(model.get("position_frequencies") or 0), model.get("prediction") or "velocity",
-                         float(model.get("sigma_data") or 1.0))
+                         float(1.0 if model.get("sigma_data") is None else model["sigma_data"]))
 
     def cast(self, dtype: torch.dtype) -> WanNet:
         """Cast the weights to `dtype`, keeping the modules and parameters diffusers keeps in fp32
