@@ -324,8 +324,8 @@ class WanNet(nn.Module):
         out = self(x_t, wan_timestep(t), context.to(x_t.dtype))
         if self.prediction == "velocity":
             return out
-        c_skip, c_out = edm_coefficients(t.double().view(-1, *([1] * (x_t.ndim - 1))), self.sigma_data)
-        return (c_skip * x_t + c_out * out).to(out.dtype)
+        c_skip, c_out = edm_coefficients(t.double(), self.sigma_data)  # (B,) in float64, applied in x_t's dtype
+        return (broadcast_time(c_skip, x_t) * x_t + broadcast_time(c_out, x_t) * out).to(out.dtype)
 
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The clean estimate x0 = x_t - t v(x_t, t, c) (Eq. 17)."""
