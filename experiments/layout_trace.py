@@ -20,6 +20,7 @@ import torch
 from benchmarking import show_and_save
 
 from lightning_tmd.generators import load_generator
+from lightning_tmd.sampling import euler_sample
 from lightning_tmd.schedules import shifted_grid
 
 PAIR = ("a red circle moving right", "a red circle moving left")
@@ -49,21 +50,22 @@ def bright_centroids(x0: torch.Tensor, share: float = 0.4) -> torch.Tensor:
 
 
 def trace_sampler(loaded, captions: tuple[str, ...], steps: int, every: int, seed: int = 0) -> list[tuple]:
-    """[(t, centroids (N, T, 2))] of the clean estimate at every `every`-th Euler step and the last one."""
+    """[(t, centroids (N, T, 2))] of the clean estimate at every `every`-th Euler step and the last one,
+    recorded from inside the teacher's own sampler (`euler_sample` with batched CFG)."""
     module, net = loaded.module, loaded.module.sampling_net()
     hp = module.hparams
     context = loaded.prompts(list(captions)).states
     negative = loaded.prompts.negative(len(captions)).states
-    x = torch.randn((len(captions), *loaded.clip_shape), generator=torch.Generator().manual_seed(seed))
-    grid = shifted_grid(steps, hp.sample_shift)
+    noise = torch.randn((len(captions), *loaded.clip_shape), generator=torch.Generator().manual_seed(seed))
     rows = []
-    for i, (t, t_next) in enumerate(zip(grid[:-1].tolist(), grid[1:].tolist())):
-        t_batch = torch.full((len(x),), t, dtype=torch.float64)
-        v = module.guided_velocity(x, t_batch, context, negative, hp.guidance_scale, net)
-        if i % every == 0 or i == steps - 1:
-            rows.append((t, bright_centroids(x - t * v)))
-        x = x - (t - t_next) * v
-    return rows
+
+    def recorded_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v = module.guided_velocity(x, t, context, negative, hp.guidance_scale, net)
+        rows.append((float(t[0]), bright_centroids(x - float(t[0]) * v)))
+        return v
+
+    euler_sample(recorded_velocity, noise, shifted_grid(steps, hp.sample_shift))
+    return [row for i, row in enumerate(rows) if i % every == 0 or i == steps - 1]
 
 
 def numbers(values) -> str:
