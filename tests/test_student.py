@@ -2,6 +2,7 @@
 effective NFE, and a stage-1 loss that falls."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,16 +11,16 @@ from conftest import TINY_WAN
 from lightning_tmd.losses import finite_difference_dds, jvp_dds
 from lightning_tmd.modules.student import StudentModule
 from lightning_tmd.nets.tmd_student import TMDStudent
-from lightning_tmd.nets.wan import WanNet, wan_timestep
+from lightning_tmd.nets.wan import WanNet, edm_coefficients, wan_timestep
 from lightning_tmd.sampling import effective_nfe, tmd_sample
 from lightning_tmd.schedules import grid_floor, shifted_grid
 
 SHAPE = (2, 3, 2, 8, 8)  # batch, channels, frames, height, width -> 2 x 4 x 4 = 32 tokens
 
 
-def teacher_net(seed: int = 0) -> WanNet:
+def teacher_net(seed: int = 0, prediction: str = "velocity") -> WanNet:
     torch.manual_seed(seed)
-    net = WanNet.from_config(TINY_WAN).eval()
+    net = WanNet.from_config(TINY_WAN, prediction=prediction, sigma_data=0.5).eval()
     with torch.no_grad():  # diffusers zero-initialises nothing we rely on; make the output layer non-trivial
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -35,13 +36,14 @@ def inputs(seed: int = 1):
 
 @pytest.mark.parametrize("t_value", [0.999, 0.6, 0.2])
 @pytest.mark.parametrize("head_blocks", [1, 2])
-def test_student_at_init_reproduces_teacher(t_value, head_blocks):
-    teacher = teacher_net()
+@pytest.mark.parametrize("prediction", ["velocity", "edm"])
+def test_student_at_init_reproduces_teacher(t_value, head_blocks, prediction):
+    teacher = teacher_net(prediction=prediction)
     student = TMDStudent.from_teacher(teacher, head_blocks).eval()
     x_t, context, g = inputs()
     t = torch.full((SHAPE[0],), t_value, dtype=torch.float64)
     with torch.no_grad():
-        expected = teacher(x_t, wan_timestep(t), context)
+        expected = teacher.velocity(x_t, t, context)
         main = student.backbone(x_t, t, context)
         y_s = torch.randn(SHAPE, generator=g)  # any inner state: the new paths start at zero
         got = student.head(y_s, t, t, main)
@@ -249,6 +251,20 @@ def test_student_initialises_from_a_wan_diffusers_folder(tmp_path):
     assert (got - expected).abs().max() <= 1e-5
 
 
-def test_a_student_refuses_an_edm_teacher():
-    with pytest.raises(ValueError, match="model.prediction='edm'"):
-        TMDStudent(WanNet.from_config(TINY_WAN, prediction="edm"), head_blocks=1)
+def test_an_edm_students_head_reads_its_output_through_the_outer_preconditioning():
+    """head = c_skip(t) x_t + c_out(t) F at the outer (x_t, t), whatever the inner (s, r); selecting rows
+    of the main feature keeps each row's own coefficients."""
+    student = TMDStudent.from_teacher(teacher_net(prediction="edm"), 1).eval()
+    x_t, context, g = inputs()
+    t = torch.tensor([0.9, 0.3], dtype=torch.float64)
+    s, r = torch.tensor([0.7, 0.5], dtype=torch.float64), torch.tensor([0.2, 0.1], dtype=torch.float64)
+    y_s = torch.randn(SHAPE, generator=g)
+    with torch.no_grad():
+        main = student.backbone(x_t, t, context)
+        raw = student.head(y_s, s, r, replace(main, skip=None, out_scale=None))  # F itself
+        c_skip, c_out = edm_coefficients(t, 0.5)
+        expected = c_skip.view(-1, 1, 1, 1, 1).float() * x_t + c_out.view(-1, 1, 1, 1, 1).float() * raw
+        assert (student.head(y_s, s, r, main) - expected).abs().max() <= 1e-5
+        flipped = torch.tensor([1, 0])
+        got = student.head(y_s[flipped], s[flipped], r[flipped], main.select(flipped))
+        assert (got - expected[flipped]).abs().max() <= 1e-5

@@ -51,6 +51,24 @@ def test_sample_and_evaluate_apps_take_a_student_and_its_m_n(smoke_student_check
     assert all(0 <= r["adherence"] <= 1 and r["fvd"] >= 0 for r in rows)
 
 
+def test_stage1_distils_an_edm_teacher(tmp_path):
+    """A teacher with model.prediction=edm: the student's head reads its output through the same
+    preconditioning, trains, and samples."""
+    train(compose_train(["experiment=shapes_smoke", "callbacks.samples.every_n_steps=0", "trainer.max_steps=4",
+                         "model.prediction=edm", "model.sigma_data=0.5"], tmp_path / "teacher"))
+    teacher = tmp_path / "teacher" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="model.prediction"):  # the student's model must say what the teacher is
+        train(stage1_cfg(tmp_path / "mismatch", teacher, "trainer.max_steps=2"))
+    metrics = train(stage1_cfg(tmp_path / "student", teacher, "trainer.max_steps=3", "model.prediction=edm",
+                               "model.sigma_data=0.5", "callbacks.samples.every_n_steps=0"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    loaded = load_generator(tmp_path / "student" / "checkpoints" / "last.ckpt")
+    assert loaded.module.net.wan.prediction == "edm" and loaded.module.net.wan.sigma_data == 0.5
+    clips, _ = loaded.module.sample(loaded.prompts(["a red circle moving up"]).states, shape=loaded.clip_shape,
+                                    outer_steps=1, inner_steps=2)
+    assert torch.isfinite(clips).all()
+
+
 def test_stage1_starts_from_the_teachers_ema_weights(smoke_checkpoint):
     teacher = sampling_state_dict(str(smoke_checkpoint))
     raw = torch.load(smoke_checkpoint, weights_only=False)["state_dict"]

@@ -8,6 +8,9 @@ and its last H blocks plus output layers as a recurrent flow head (run for every
 The head sees the inner state y_s through the shared patch embedding and a fusion layer, and its
 AdaLN is conditioned on emb(s) + emb_new(s - r) (METHOD §2.2). Both new paths start at zero, so at
 initialisation `head(y, t, t; backbone(x_t, t))` is the teacher's velocity at (x_t, t).
+
+A teacher with `model.prediction=edm` reads its Wan output F through EDM's preconditioning; the head's
+output is read the same way at the outer step, c_skip(t) x_t + c_out(t) F, so that identity holds for it too.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding
 from torch import nn
 
-from lightning_tmd.nets.wan import WanNet, WanTokens, wan_timestep
+from lightning_tmd.nets.wan import WanNet, WanTokens, edm_coefficients, wan_timestep
 from lightning_tmd.schedules import broadcast_time
 
 FUSIONS = ("gated", "concat")
@@ -33,12 +36,23 @@ class MainFeature:
 
     tokens: WanTokens  # text context, rope, grid and the outer time's embeddings
     hidden: torch.Tensor  # m, (B, L, D): the hidden state after block L - H
+    # EDM preconditioning at the outer (x_t, t) (`model.prediction=edm`): head output = skip + out_scale * F
+    skip: torch.Tensor | None = None  # c_skip(t) x_t, (B, C, T, H, W)
+    out_scale: torch.Tensor | None = None  # c_out(t), (B, 1, 1, 1, 1)
 
     def select(self, index: torch.Tensor) -> MainFeature:
-        return MainFeature(self.tokens.select(index), self.hidden[index])
+        if self.skip is None:
+            return MainFeature(self.tokens.select(index), self.hidden[index])
+        return MainFeature(self.tokens.select(index), self.hidden[index], self.skip[index], self.out_scale[index])
 
     def detach(self) -> MainFeature:
-        return replace(self, hidden=self.hidden.detach())
+        return replace(self, hidden=self.hidden.detach(), skip=None if self.skip is None else self.skip.detach())
+
+    def read_output(self, out: torch.Tensor) -> torch.Tensor:
+        """The head's raw Wan output as a velocity-like prediction (itself unless EDM-preconditioned)."""
+        if self.skip is None:
+            return out
+        return (self.skip + self.out_scale * out).to(out.dtype)
 
 
 class GatedFusion(nn.Module):
@@ -111,9 +125,6 @@ class TMDStudent(nn.Module):
         if not 1 <= head_blocks < wan.num_blocks:
             raise ValueError(f"head_blocks={head_blocks} must be in 1..{wan.num_blocks - 1} "
                              f"(the teacher has {wan.num_blocks} blocks)")
-        if wan.prediction != "velocity":
-            raise ValueError(f"model.prediction='{wan.prediction}': the TMD student's flow head reads the Wan "
-                             "output as a velocity; distil from a teacher with model.prediction=velocity")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion '{fusion}' is unknown: use one of {FUSIONS}")
         if inner_target not in INNER_TARGETS:
@@ -149,7 +160,11 @@ class TMDStudent(nn.Module):
     def backbone(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> MainFeature:
         """m_theta(x_t, t, c): embeddings and the first L - H blocks (t in [0, 1], shape (B,))."""
         tokens = self.wan.embed(x_t, wan_timestep(t), context.to(x_t.dtype))
-        return MainFeature(tokens, self.wan.run_blocks(tokens, 0, self.split))
+        main = MainFeature(tokens, self.wan.run_blocks(tokens, 0, self.split))
+        if self.wan.prediction == "edm":  # the teacher's v = c_skip x_t + c_out F, at the outer (x_t, t)
+            c_skip, c_out = (broadcast_time(c, x_t) for c in edm_coefficients(t.double(), self.wan.sigma_data))
+            main.skip, main.out_scale = c_skip * x_t, c_out
+        return main
 
     def head_time(self, s: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(temb, modulation) of the head: the teacher's emb(s) plus the new emb(s - r)."""
@@ -163,7 +178,7 @@ class TMDStudent(nn.Module):
         temb, modulation = self.head_time(s, r, main.hidden.dtype)
         hidden = self.fusion(main.hidden, self.wan.patchify(y_s.to(main.hidden.dtype)), modulation)
         hidden = self.wan.run_blocks(main.tokens, self.split, self.num_blocks, hidden, modulation)
-        return self.wan.unembed(hidden, temb, main.tokens.grid)
+        return main.read_output(self.wan.unembed(hidden, temb, main.tokens.grid))
 
     def average_velocity(self, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor, main: MainFeature,
                          y1: torch.Tensor) -> torch.Tensor:
