@@ -46,6 +46,12 @@ VARIANTS: dict[str, list[str]] = {
     "tpatch2_bs32": ["model.config.patch_size=[2,4,4]", "data.batch_size=32"],
     "shift8_bs32": ["data.batch_size=32", "stage.module.time_shift=8.0"],
     "bs128": ["data.batch_size=128"],
+    # on top of --experiment shapes_teacher_edm_high_noise (EDM preconditioning), 60 % of t in U(0.95, 1)
+    "hn095": ["stage.module.high_noise_fraction=0.6", "stage.module.high_noise_min=0.95"],
+    "hn095_vocab": ["stage.module.high_noise_fraction=0.6", "stage.module.high_noise_min=0.95", "text=vocab"],
+    "hn095_bs32": ["stage.module.high_noise_fraction=0.6", "stage.module.high_noise_min=0.95", "data.batch_size=32"],
+    "hn095_bs32_vocab": ["stage.module.high_noise_fraction=0.6", "stage.module.high_noise_min=0.95",
+                         "data.batch_size=32", "text=vocab"],
 }
 
 
