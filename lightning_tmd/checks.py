@@ -50,7 +50,9 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") and not is_checkpoint(cfg.ckpt_path):
         raise FileNotFoundError(f"ckpt_path: no checkpoint file (or sharded checkpoint folder) at '{cfg.ckpt_path}'")
     stage = cfg.stage.get("name")
-    if stage == "tm":
+    if stage == "teacher":
+        check_teacher(cfg)
+    elif stage == "tm":
         check_student(cfg, model)
     elif stage == "dmd":
         check_dmd(cfg, model)
@@ -122,6 +124,16 @@ def check_same_clips(field: str, trained: dict, ours: dict) -> None:
 def check_head_blocks(head_blocks: int, blocks: int, field: str) -> None:
     if not 1 <= head_blocks < blocks:
         raise ValueError(f"{field}={head_blocks} must be in 1..{blocks - 1} (the teacher has {blocks} blocks)")
+
+
+def check_teacher(cfg: DictConfig) -> None:
+    module = cfg.stage.module
+    fraction, low = module.get("high_noise_fraction", 0.0), module.get("high_noise_min", 0.9)
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"stage.module.high_noise_fraction={fraction}: give a share of the training times in [0, 1]")
+    if not 0 <= low < 0.999:
+        raise ValueError(f"stage.module.high_noise_min={low}: the high-noise times are drawn from "
+                         "U(high_noise_min, 0.999); give a value in [0, 0.999)")
 
 
 def check_student(cfg: DictConfig, model: dict) -> None:

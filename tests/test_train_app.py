@@ -74,6 +74,8 @@ def test_unknown_experiment_is_named(smoke_cfg):
         ("model.config.text_dim=32", ValueError, "text_dim"),
         ("text.negative_prompt=null", ValueError, "text.negative_prompt"),
         ("ckpt_path=/no/such.ckpt", FileNotFoundError, "ckpt_path"),
+        ("stage.module.high_noise_fraction=1.5", ValueError, "high_noise_fraction=1.5"),
+        ("stage.module.high_noise_min=1.0", ValueError, "high_noise_min=1.0"),
     ],
 )
 def test_bad_config_fails_before_training(smoke_cfg, override, error, message):
