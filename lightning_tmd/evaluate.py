@@ -71,7 +71,8 @@ def generate_set(loaded: LoadedGenerator, captions: list[str], seeds: list[int],
                  cache_dir: Path) -> tuple[torch.Tensor, float]:
     """Generated clips (as the uint8 video they are written as, back in [-1, 1]) and NFE; cached on disk."""
     stat = loaded.path.stat()
-    key = cache_key(str(loaded.path.resolve()), stat.st_mtime_ns, stat.st_size, captions, seeds, sampler)
+    weights = [] if loaded.ema else ["raw weights"]  # EMA sets keep the keys they always had
+    key = cache_key(str(loaded.path.resolve()), stat.st_mtime_ns, stat.st_size, captions, seeds, sampler, *weights)
     path = cache_dir / "samples" / f"{key}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
@@ -146,7 +147,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run the evaluation; write metrics.json and table.md into `cfg.out_dir`; return the rows."""
     started = time.perf_counter()
     cache_dir = Path(cfg.cache_dir)
-    models = {name: load_generator(m.ckpt, cfg.device) for name, m in (cfg.models or {}).items()}
+    models = {name: load_generator(m.ckpt, cfg.device, ema=m.get("ema", True))
+              for name, m in (cfg.models or {}).items()}
     data = data_settings(cfg, models)
     judge_path = cfg.judge.path or cache_dir / judge_file_name(data)
     judge, judge_info = ensure_judge(judge_path, **clip_key(data), steps=cfg.judge.steps,

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
+from torch.optim.swa_utils import AveragedModel
 
 from lightning_tmd.nets.text import PromptEncoder, TextEmbedding, TextEncoder
 
@@ -22,6 +23,7 @@ class LoadedGenerator:
     clip_shape: tuple[int, ...]
     config: dict[str, Any]
     path: Path
+    ema: bool = True  # sampling with the EMA weights (False: the raw training weights)
 
 
 def run_config(checkpoint: dict, path: Path) -> dict[str, Any]:
@@ -51,10 +53,14 @@ def clip_shape(config: dict[str, Any], channels: int) -> tuple[int, ...]:
     raise ValueError("the run config's data group gives no clip shape (frames and size, or a latents folder)")
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu") -> LoadedGenerator:
-    """Module (eval mode), prompt encoder and clip shape from a Lightning checkpoint or an exported folder."""
+def load_generator(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> LoadedGenerator:
+    """Module (eval mode), prompt encoder and clip shape from a Lightning checkpoint or an exported folder.
+    `ema=False` samples a checkpoint's raw training weights instead of their EMA."""
     path = Path(path)
     if path.is_dir():
+        if not ema:
+            raise ValueError(f"ema=false: the exported folder '{path}' holds only its sampling weights; give the "
+                             "Lightning checkpoint to sample the raw training weights")
         return load_exported(path, device)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt: no checkpoint file or exported folder at '{path}'")
@@ -62,9 +68,17 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Load
     config = run_config(checkpoint, path)
     module_class = get_class(config["stage"]["module"]["_target_"])
     module = module_class.load_from_checkpoint(path, map_location=device).eval()
+    if not ema:
+        drop_ema(module)
     text = config["text"]
     prompts = PromptEncoder(instantiate(text["encoder"]), text["negative_prompt"])
-    return LoadedGenerator(module, prompts, clip_shape(config, module.net.config.out_channels), config, path)
+    return LoadedGenerator(module, prompts, clip_shape(config, module.net.config.out_channels), config, path, ema)
+
+
+def drop_ema(module: torch.nn.Module) -> None:
+    """Remove every EMA copy in `module`, so that it samples with its raw training weights."""
+    for owner in [m for m in module.modules() if isinstance(getattr(m, "ema", None), AveragedModel)]:
+        owner.ema = None
 
 
 class PipelineTextEncoder(TextEncoder):

@@ -44,7 +44,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     if cfg.format not in ("gif", "mp4"):
         raise ValueError(f"format={cfg.format!r}: use gif or mp4")
     prompts, seeds = read_prompts(cfg), [int(s) for s in cfg.seeds]
-    loaded = load_generator(cfg.ckpt, cfg.device)
+    loaded = load_generator(cfg.ckpt, cfg.device, ema=cfg.get("ema", True))
     pairs = [(p, s) for p in prompts for s in seeds]
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     clips, nfe = sample_clips(loaded.module, loaded.prompts, [p for p, _ in pairs], [s for _, s in pairs],

@@ -43,6 +43,17 @@ def test_sample_app_rejects_missing_inputs(smoke_checkpoint, tmp_path):
                                       f"prompts_file={tmp_path / 'none.txt'}"]))
 
 
+def test_ema_false_samples_the_raw_training_weights(smoke_checkpoint, tmp_path):
+    raw = load_generator(smoke_checkpoint, ema=False)
+    assert raw.module.ema is None and raw.module.sampling_net() is raw.module.net and not raw.ema
+    averaged = load_generator(smoke_checkpoint).module
+    assert any(not torch.equal(a, b) for a, b in zip(averaged.ema.module.parameters(), raw.module.net.parameters()))
+    args = [f"ckpt={smoke_checkpoint}", "seeds=[0]", "prompts=[a red circle moving up]", "+sampler.steps=3"]
+    first = sample(compose_app("sample", [*args, f"out_dir={tmp_path / 'ema'}"]))["videos"]
+    second = sample(compose_app("sample", [*args, f"out_dir={tmp_path / 'raw'}", "ema=false"]))["videos"]
+    assert not torch.equal(first, second)
+
+
 def test_generator_loads_with_its_prompt_encoder(smoke_checkpoint):
     loaded = load_generator(smoke_checkpoint)
     assert loaded.clip_shape == (3, 4, 16, 16)
