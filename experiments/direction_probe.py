@@ -2,7 +2,7 @@
 
 Near t = 1 the clip itself tells the net nothing, so the best clean estimate is the mean clip given the
 caption: there the direction word is worth most (a clip moving right starts on the left). This probe
-trains `experiment=shapes_teacher` plus `overrides` on one-object clips with training times drawn only
+trains `experiment=shapes_teacher_base` plus `overrides` on one-object clips with training times drawn only
 from U[t_min, 1], and every `--every` steps measures, on 128 held-out clips at t = 1, the clean-estimate
 MSE with the true caption, with the opposite direction and with another colour. The direction gap
 (opposite - true) is how much the net uses the direction word; the mean-clip gain (colour -> colour and
@@ -42,7 +42,7 @@ def errors_at_noise(module, prompts, test: dict, noise: torch.Tensor) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of experiment=shapes_teacher")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of experiment=shapes_teacher_base")
     parser.add_argument("--label", required=True)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=100)
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=128)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    overrides = ["stage=teacher", "experiment=shapes_teacher", "data.max_objects=1",
+    overrides = ["stage=teacher", "experiment=shapes_teacher_base", "data.max_objects=1",
                  f"data.batch_size={args.batch_size}", "stage.module.warmup_steps=0", *args.overrides]
     cfg, datamodule, module, optimizer, next_batch = teacher_training(overrides)  # AdamW at a constant lr
     test, train = one_object_sets(cfg.data, args.clips)

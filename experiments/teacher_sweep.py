@@ -1,6 +1,6 @@
 """Teacher variants side by side at a fixed wall-clock budget, every checkpoint scored by the shapes judge.
 
-Each variant is `python -m lightning_tmd.train stage=teacher experiment=shapes_teacher <its overrides>` in
+Each variant is `python -m lightning_tmd.train stage=teacher experiment=<--experiment> <its overrides>` in
 its own process, all started at once (they share the GPU when there is one) and stopped by
 `trainer.max_time`, with a checkpoint every `--every` steps. Then every checkpoint is scored, one process
 per variant: 50-step CFG samples of `--samples` held-out prompts (fixed seeds) -> the judge's accuracy
@@ -27,7 +27,7 @@ import torch
 from benchmarking import show_and_save
 
 ROOT = Path(__file__).resolve().parents[1]
-# name -> overrides of experiment=shapes_teacher (batch 8, 8x32x32 clips, patch (1,4,4): 512 tokens)
+# name -> overrides of experiment=shapes_teacher_base (batch 8, 8x32x32 clips, patch (1,4,4): 512 tokens)
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "tpatch2_bs16": ["model.config.patch_size=[2,4,4]", "data.batch_size=16"],
@@ -61,7 +61,7 @@ def batch_size_of(overrides: list[str]) -> int:
 
 
 def train_command(name: str, root: Path, minutes: float, every: int, extra: list[str], minilm: str | None = None,
-                  experiment: str = "shapes_teacher", workers: int | None = None) -> list[str]:
+                  experiment: str = "shapes_teacher_base", workers: int | None = None) -> list[str]:
     overrides = VARIANTS[name]
     if minilm and not any(o.startswith("text=") for o in overrides):
         overrides = [*overrides, f"text.encoder.path={minilm}"]
@@ -140,11 +140,11 @@ def score_run(run: Path, judge_path: str, samples: int, eval_every: int, device:
     return rows
 
 
-def cpu_step_seconds(overrides: list[str], steps: int = 10) -> float:
+def cpu_step_seconds(experiment: str, overrides: list[str], steps: int = 10) -> float:
     """Median seconds of one training step on this machine's CPU (data drawing included)."""
     from teacher_speed import teacher_training, train_step_times
 
-    _, _, module, optimizer, next_batch = teacher_training(["stage=teacher", "experiment=shapes_teacher",
+    _, _, module, optimizer, next_batch = teacher_training(["stage=teacher", f"experiment={experiment}",
                                                             *overrides])
     return statistics.median(train_step_times(module, optimizer, next_batch, steps, with_data=True))
 
@@ -173,7 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="all", help="comma-separated names of VARIANTS, or all")
     parser.add_argument("--root", default="runs/teacher_sweep")
-    parser.add_argument("--experiment", default="shapes_teacher", help="the experiment every variant overrides")
+    parser.add_argument("--experiment", default="shapes_teacher_base", help="the experiment every variant overrides")
     parser.add_argument("--workers", type=int, default=None,
                         help="data workers per variant (default: one per 16 clips of a batch)")
     parser.add_argument("--minutes", type=float, default=5.0, help="training wall time of every variant")
@@ -201,7 +201,7 @@ def main() -> None:
         return
     if args.cpu_cost:
         torch.set_num_threads(args.threads)
-        costs = {name: cpu_step_seconds(VARIANTS[name] + args.extra) for name in names}
+        costs = {name: cpu_step_seconds(args.experiment, VARIANTS[name] + args.extra) for name in names}
         root.mkdir(parents=True, exist_ok=True)
         (root / "cpu_costs.json").write_text(json.dumps(costs, indent=2))
         print(costs)

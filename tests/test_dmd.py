@@ -18,8 +18,9 @@ from lightning_tmd.modules.teacher import TeacherModule, sampling_state_dict
 from lightning_tmd.train import train
 
 SMOKE_TEXT = ["text=vocab", "text.encoder.dim=16", "text.encoder.max_length=16"]
-SMOKE_SIZES = ["model=wan_smoke", "data=shapes_smoke", *SMOKE_TEXT, "stage.module.discriminator.blocks=[1,2]",
-               "stage.module.discriminator.widths=[8,16,16]", "stage.module.discriminator.mlp_width=8"]
+SMOKE_SIZES = ["model=wan_smoke", "data=shapes_smoke", "data.speed=0.06", *SMOKE_TEXT,
+               "stage.module.discriminator.blocks=[1,2]", "stage.module.discriminator.widths=[8,16,16]",
+               "stage.module.discriminator.mlp_width=8"]
 
 
 class Recorder(L.Callback):
@@ -183,6 +184,7 @@ def test_stage2_experiment_fast_dev_run(experiment, smoke_checkpoint, smoke_stud
 
 def test_kd_warmup_generates_caches_and_regresses_teacher_pairs(smoke_checkpoint, tmp_path):
     overrides = ["experiment=shapes_kd", "model=wan_smoke", "data=shapes_smoke", *SMOKE_TEXT, "data=teacher_pairs",
+                 "data.speed=0.06",
                  "data.frames=4", "data.size=16", "data.batch_size=4", "data.val_batch_size=4",
                  f"stage.module.teacher_ckpt={smoke_checkpoint}", "data.num_pairs=8", "data.num_val_pairs=4",
                  "data.steps=2", f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=4",
