@@ -22,7 +22,7 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding
 from torch import nn
 
-from lightning_tmd.nets.wan import WanNet, WanTokens, edm_coefficients, wan_timestep
+from lightning_tmd.nets.wan import WanNet, WanTokens, wan_timestep
 from lightning_tmd.schedules import broadcast_time
 
 FUSIONS = ("gated", "concat")
@@ -162,8 +162,7 @@ class TMDStudent(nn.Module):
         tokens = self.wan.embed(x_t, wan_timestep(t), context.to(x_t.dtype))
         main = MainFeature(tokens, self.wan.run_blocks(tokens, 0, self.split))
         if self.wan.prediction == "edm":  # the teacher's v = c_skip x_t + c_out F, at the outer (x_t, t)
-            c_skip, c_out = (broadcast_time(c, x_t) for c in edm_coefficients(t.double(), self.wan.sigma_data))
-            main.skip, main.out_scale = c_skip * x_t, c_out
+            main.skip, main.out_scale = self.wan.edm_terms(x_t, t)
         return main
 
     def head_time(self, s: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -324,8 +324,14 @@ class WanNet(nn.Module):
         out = self(x_t, wan_timestep(t), context.to(x_t.dtype))
         if self.prediction == "velocity":
             return out
-        c_skip, c_out = edm_coefficients(t.double(), self.sigma_data)  # (B,) in float64, applied in x_t's dtype
-        return (broadcast_time(c_skip, x_t) * x_t + broadcast_time(c_out, x_t) * out).to(out.dtype)
+        skip, scale = self.edm_terms(x_t, t)
+        return (skip + scale * out).to(out.dtype)
+
+    def edm_terms(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_skip(t) x_t, c_out(t)) in x_t's dtype, c_out shaped (B, 1, ..., 1): with
+        `prediction="edm"` the velocity is skip + scale * F (the coefficients are computed in float64)."""
+        c_skip, c_out = edm_coefficients(t.double(), self.sigma_data)
+        return broadcast_time(c_skip, x_t) * x_t, broadcast_time(c_out, x_t)
 
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The clean estimate x0 = x_t - t v(x_t, t, c) (Eq. 17)."""
