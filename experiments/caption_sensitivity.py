@@ -72,10 +72,10 @@ def main() -> None:
     parser.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    loaded = load_generator(args.ckpt)
+    loaded = load_generator(args.ckpt, ema=not args.raw)
     test, train = one_object_sets(loaded.config["data"], args.clips)
     module = loaded.module
-    net = module.net if args.raw else module.sampling_net()
+    net = module.sampling_net()
     noise = torch.randn(test["videos"].shape, generator=torch.Generator().manual_seed(0))
     contexts = {"true caption": loaded.prompts(captions_with(test["labels"])).states}
     contexts.update({name: loaded.prompts(captions_with(test["labels"], *change)).states
