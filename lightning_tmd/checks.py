@@ -127,8 +127,12 @@ def check_head_blocks(head_blocks: int, blocks: int, field: str) -> None:
 
 
 def check_teacher(cfg: DictConfig) -> None:
+    """The share and range of the high-noise training times (a key the config lacks takes the module's default)."""
+    from lightning_tmd.modules.teacher import TeacherModule
+
+    defaults = inspect.signature(TeacherModule).parameters
     module = cfg.stage.module
-    fraction, low = module.get("high_noise_fraction", 0.0), module.get("high_noise_min", 0.9)
+    fraction, low = (module.get(key, defaults[key].default) for key in ("high_noise_fraction", "high_noise_min"))
     if not 0 <= fraction <= 1:
         raise ValueError(f"stage.module.high_noise_fraction={fraction}: give a share of the training times in [0, 1]")
     if not 0 <= low < 0.999:
