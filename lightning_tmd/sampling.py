@@ -50,9 +50,31 @@ def renoise(x_t: torch.Tensor, t: float, t_hat: float, generator: torch.Generato
     return a * x_t + (t_hat**2 - (a * t) ** 2) ** 0.5 * fresh
 
 
-def teacher_nfe(steps: int, guidance_scale: float) -> int:
-    """Network evaluations of the teacher sampler: one per step, two with CFG (batched)."""
-    return steps * (2 if guidance_scale != 1.0 else 1)
+def check_guidance_interval(interval: tuple[float, float] | None) -> tuple[float, float] | None:
+    """A CFG interval (t_low, t_high) with 0 <= t_low < t_high <= 1, or None (guidance at every step)."""
+    if interval is None:
+        return None
+    low, high = (float(v) for v in interval)
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"guidance_interval must be [t_low, t_high] with 0 <= t_low < t_high <= 1 (flow time, "
+                         f"1 = noise), got {list(interval)}")
+    return low, high
+
+
+def guided_velocity_fn(cond: VelocityFn, cfg: VelocityFn | None = None,
+                       interval: tuple[float, float] | None = None) -> tuple[VelocityFn, Callable[[], int]]:
+    """The sampler's velocity with CFG limited to `interval` (Kynkäänniemi et al., 2024: guidance applied
+    only in an interval of noise levels): `cfg` (one batched forward of 2B clips) where t_low <= t <= t_high
+    (at every t when `interval` is None), the conditional `cond` elsewhere (everywhere when `cfg` is None).
+    Returns (velocity, nfe) where nfe() counts the network evaluations so far, two per guided step."""
+    calls = [0]
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        guided = cfg is not None and (interval is None or interval[0] <= float(t[0]) <= interval[1])
+        calls[0] += 2 if guided else 1
+        return cfg(x, t) if guided else cond(x, t)
+
+    return velocity, lambda: calls[0]
 
 
 def effective_nfe(outer_steps: int, inner_steps: int, head_blocks: int, num_blocks: int) -> float:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_tmd.sampling import euler_sample, renoise, teacher_nfe
+from lightning_tmd.sampling import euler_sample, guided_velocity_fn, renoise
 from lightning_tmd.schedules import sample_shifted_uniform, sample_train_times, shift, shifted_grid, with_high_noise
 
 
@@ -47,7 +47,28 @@ def test_euler_sampler_is_exact_for_a_straight_flow():
     grid = shifted_grid(7, 3, t_max=1.0)
     out = euler_sample(lambda x, t: noise - data, noise, grid)
     torch.testing.assert_close(out, data)
-    assert teacher_nfe(50, 4.0) == 100 and teacher_nfe(50, 1.0) == 50
+
+
+def test_guidance_interval_guides_only_inside_it_and_counts_evaluations():
+    grid = shifted_grid(10, 3)
+    seen = []
+
+    def cond(x, t):
+        seen.append(("cond", float(t[0])))
+        return torch.zeros_like(x)
+
+    def cfg(x, t):
+        seen.append(("cfg", float(t[0])))
+        return torch.zeros_like(x)
+
+    velocity, nfe = guided_velocity_fn(cond, cfg, (0.5, 1.0))
+    euler_sample(velocity, torch.randn(2, 3), grid)
+    guided = [kind == "cfg" for kind, _ in seen]
+    assert guided == [t >= 0.5 for t in grid[:-1].tolist()] and any(guided) and not all(guided)
+    assert nfe() == 10 + sum(guided)
+    velocity, nfe = guided_velocity_fn(cond)
+    euler_sample(velocity, torch.randn(2, 3), grid)
+    assert nfe() == 10
 
 
 def test_stochastic_sampler_lands_on_the_data_of_an_exact_denoiser():

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import TINY_WAN
 
@@ -43,6 +44,18 @@ def test_sample_reports_nfe_and_is_seeded():
     assert clips.shape == (2, 3, 4, 8, 8) and nfe == 6
     assert torch.equal(clips, run(guidance_scale=4.0)[0])
     assert run(guidance_scale=1.0)[1] == 3
+    # shifted_grid(3, 3) = [0.999, 0.857, 0.600, 0]: CFG at the first step only
+    clips_interval, nfe = run(guidance_scale=4.0, guidance_interval=[0.95, 1.0])
+    assert nfe == 4 and not torch.equal(clips_interval, clips)
+    torch.testing.assert_close(run(guidance_scale=4.0, guidance_interval=[0.0, 1.0])[0], clips)
+
+
+def test_a_bad_guidance_interval_is_named():
+    with pytest.raises(ValueError, match="guidance_interval"):
+        teacher(guidance_interval=[0.8, 0.2])
+    with pytest.raises(ValueError, match="guidance_interval"):
+        teacher().sample(torch.randn(1, 5, 16), torch.randn(1, 5, 16), shape=(3, 4, 8, 8), steps=2,
+                         guidance_interval=[0.5, 1.5])
 
 
 def test_stochastic_sampler_is_fixed_by_the_starting_noise():

@@ -10,7 +10,7 @@ import torch
 from lightning_tmd.losses import flow_matching_loss
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.nets.wan import WanNet
-from lightning_tmd.sampling import euler_sample, noise_seeded_generator, teacher_nfe
+from lightning_tmd.sampling import check_guidance_interval, euler_sample, guided_velocity_fn, noise_seeded_generator
 from lightning_tmd.schedules import interpolate, sample_train_times, shifted_grid, with_high_noise
 
 
@@ -27,7 +27,7 @@ class TeacherModule(GeneratorModule):
             U(high_noise_min, 0.999) instead (`schedules.with_high_noise`).
         cond_dropout: probability of replacing a caption by the negative prompt while training.
         ema_decay: EMA of the weights used for sampling, with a warm-up (None: sample with the raw weights).
-        sample_steps, sample_shift, guidance_scale: defaults of `sample()`.
+        sample_steps, sample_shift, guidance_scale, guidance_interval, sample_churn: defaults of `sample()`.
     """
 
     def __init__(self, model: dict[str, Any], lr: float = 5e-4, betas: tuple[float, float] = (0.9, 0.99),
@@ -35,9 +35,11 @@ class TeacherModule(GeneratorModule):
                  min_lr_ratio: float = 0.1, time_sampling: str = "logit_normal",
                  time_shift: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0,
                  high_noise_fraction: float = 0.0, high_noise_min: float = 0.9, cond_dropout: float = 0.1,
-                 ema_decay: float | None = 0.999, sample_steps: int = 50,
-                 sample_shift: float = 3.0, guidance_scale: float = 4.0, sample_churn: float = 0.0) -> None:
+                 ema_decay: float | None = 0.999, sample_steps: int = 50, sample_shift: float = 3.0,
+                 guidance_scale: float = 4.0, guidance_interval: tuple[float, float] | None = None,
+                 sample_churn: float = 0.0) -> None:
         super().__init__()
+        check_guidance_interval(guidance_interval)
         self.save_hyperparameters()
         self.net = WanNet.from_settings(model)
         self.init_ema(ema_decay)
@@ -67,35 +69,41 @@ class TeacherModule(GeneratorModule):
     def sample(self, context: torch.Tensor, negative_context: torch.Tensor | None = None,
                noise: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
                steps: int | None = None, shift: float | None = None,
-               guidance_scale: float | None = None, churn: float | None = None,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+               guidance_scale: float | None = None, guidance_interval: tuple[float, float] | None = None,
+               churn: float | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         """Euler flow sampling on a shifted grid; returns (clips, NFE).
 
         Give `noise` (B, C, T, H, W) or `shape` (C, T, H, W) (noise then comes from `generator`).
-        CFG runs when `guidance_scale != 1` (then `negative_context` is required). `churn` > 0 makes
-        the sampler stochastic (see `euler_sample`); its noise comes from `generator`, else from a
-        generator seeded by the starting noise, so a given noise always gives the same clips.
+        CFG runs when `guidance_scale != 1` (then `negative_context` is required), at the steps whose t
+        lies in `guidance_interval` = [t_low, t_high] when given (else at every step); the other steps
+        use the conditional velocity alone. `churn` > 0 makes the sampler stochastic (see `euler_sample`);
+        its noise comes from `generator`, else from a generator seeded by the starting noise, so a given
+        noise always gives the same clips. NFE counts the network evaluations, two per guided step.
         """
         hp = self.hparams
         steps = steps or hp.sample_steps
         shift = hp.sample_shift if shift is None else shift
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
+        interval = check_guidance_interval(hp.guidance_interval if guidance_interval is None else guidance_interval)
         churn = hp.sample_churn if churn is None else churn
         if noise is None:
             noise = torch.randn((len(context), *shape), generator=generator, device=self.device)
         net = self.sampling_net()
         context = context.to(self.device)
+
+        def conditional(x, t):
+            return self.velocity(x, t, context, net)
+
+        guided = None
         if scale != 1.0:
             if negative_context is None:
                 raise ValueError("guidance_scale != 1 needs negative_context (the negative prompt)")
             negative_context = negative_context.to(self.device)
 
-            def velocity(x, t):
+            def guided(x, t):
                 return self.guided_velocity(x, t, context, negative_context, scale, net)
-        else:
 
-            def velocity(x, t):
-                return self.velocity(x, t, context, net)
+        velocity, nfe = guided_velocity_fn(conditional, guided, interval)
 
         was_training = net.training
         net.eval()
@@ -104,7 +112,7 @@ class TeacherModule(GeneratorModule):
             generator = noise_seeded_generator(noise, self.device)
         clips = euler_sample(velocity, noise, shifted_grid(steps, shift), churn, generator)
         net.train(was_training)
-        return clips, teacher_nfe(steps, scale)
+        return clips, nfe()
 
     # -- training ------------------------------------------------------------------------------
     def flow_loss(self, batch: dict, t: torch.Tensor, noise: torch.Tensor,
