@@ -37,7 +37,9 @@ from lightning_tmd.video import to_uint8
 
 COLUMNS = [("model", "model"), ("setting", "setting"), ("nfe", "eff. NFE"), ("fvd", "FVD-shapes ↓"),
            ("adherence", "adherence ↑"), ("count", "count"), ("color", "colour"), ("shape", "shape"),
-           ("direction", "direction"), ("size_cv", "size CV ↓"), ("colour_drift", "colour drift ↓"),
+           ("direction", "direction"), ("all_1obj", "adherence 1 obj"), ("direction_1obj", "direction 1 obj"),
+           ("all_2obj", "adherence 2 obj"), ("direction_2obj", "direction 2 obj"),
+           ("size_cv", "size CV ↓"), ("colour_drift", "colour drift ↓"),
            ("path_jitter", "path jitter px ↓"),
            ("clip_score", "CLIP score"), ("lpips_diversity", "LPIPS div."),
            ("latency_s", "s / clip"), ("clips_per_s", "clips / s")]
@@ -188,7 +190,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     notes = (f"{n} clips per set (held-out prompts, seed {cfg.seed}); FVD-shapes = Fréchet distance of the shapes "
              f"judge's {judge.num_features}-d features to {n} real clips of the same prompts. Adherence = all "
              f"attributes read by the judge match the prompt; count = per clip, colour/shape/direction = per "
-             f"captioned object. Judge held-out accuracy: "
+             f"captioned object; adherence / direction k obj = the same over the prompts with k objects. "
+             f"Judge held-out accuracy: "
              + ", ".join(f"{k} {v:.3f}" for k, v in judge_acc.items())
              + f". Latency: median of {cfg.latency.repeats} runs at batch {cfg.latency.batch_size}, "
              f"{torch.get_num_threads()} CPU threads. Wall time {result['wall_time_s']:.0f} s.")

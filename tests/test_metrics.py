@@ -42,7 +42,8 @@ def test_cached_judge_loads_and_refuses_other_clip_settings(tiny_judge):
     loaded, info = load_judge(path, {"frames": 4, "size": 16, "max_objects": 2})
     video, _ = clips(4)
     torch.testing.assert_close(loaded.features(video), net.features(video))
-    assert set(info["accuracy"]) == {"count", "color", "shape", "direction", "all"}
+    assert set(info["accuracy"]) == {"count", "color", "shape", "direction", "all", "all_1obj", "all_2obj",
+                                     "direction_1obj", "direction_2obj"}
     with pytest.raises(ValueError, match="judge.path"):
         load_judge(path, {"frames": 8, "size": 16, "max_objects": 2})
     with pytest.raises(ValueError, match="speed"):
@@ -68,6 +69,11 @@ def test_real_clips_adhere_to_their_own_captions(tiny_judge):
     video, labels = clips(256, start=1 << 41)
     accuracy = judge_accuracy(net, video, labels)
     assert accuracy["color"] > 0.8 and accuracy["count"] > 0.9
+    ones = (labels["num_objects"] == 1).float().mean().item()  # the whole is the mix of its parts
+    assert accuracy["all"] == pytest.approx(ones * accuracy["all_1obj"] + (1 - ones) * accuracy["all_2obj"])
+    objects_1 = ones / (ones + 2 * (1 - ones))
+    assert accuracy["direction"] == pytest.approx(
+        objects_1 * accuracy["direction_1obj"] + (1 - objects_1) * accuracy["direction_2obj"], abs=1e-6)
     shuffled = {k: v.roll(1, 0) for k, v in labels.items()}  # someone else's captions
     assert judge_accuracy(net, video, shuffled)["all"] < 0.5 * accuracy["all"]
 

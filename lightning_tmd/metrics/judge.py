@@ -206,15 +206,26 @@ def judge_file_name(data: dict) -> str:
 @torch.no_grad()
 def judge_accuracy(net: ShapesJudgeNet, videos: torch.Tensor, labels: dict[str, torch.Tensor],
                    batch_size: int = 64) -> dict[str, float]:
-    """Per-attribute accuracy: count and all-correct per clip; colour, shape, direction per object."""
+    """Per-attribute accuracy: count and all-correct per clip; colour, shape, direction per object. Then,
+    per number k of captioned objects, all-correct of those clips (`all_<k>obj`) and the direction of
+    their objects (`direction_<k>obj`): two-object prompts are much harder than one-object ones."""
     verdicts = [judge(net, videos[i : i + batch_size], {k: v[i : i + batch_size] for k, v in labels.items()})
                 for i in range(0, len(videos), batch_size)]
-    per_object = {k: torch.cat([v.objects[k] for v in verdicts]).float().mean().item()
-                  for k in ("color", "shape", "direction")}
+    objects = {k: torch.cat([v.objects[k] for v in verdicts]) for k in ("color", "shape", "direction")}
+    every = torch.cat([v.all for v in verdicts])
+    count = labels["num_objects"].cpu()
+    # objects are listed clip by clip (by colour within a clip): the object count of each one's clip
+    captioned = per_color_targets(labels)["present"].bool().cpu()
+    object_count = count[captioned.nonzero()[:, 0]]
+    by_count = {}
+    for k in count.unique().tolist():
+        by_count[f"all_{k}obj"] = every[count == k].float().mean().item()
+        by_count[f"direction_{k}obj"] = objects["direction"][object_count == k].float().mean().item()
     return {
         "count": torch.cat([v.count for v in verdicts]).float().mean().item(),
-        **per_object,
-        "all": torch.cat([v.all for v in verdicts]).float().mean().item(),
+        **{k: v.float().mean().item() for k, v in objects.items()},
+        "all": every.float().mean().item(),
+        **by_count,
     }
 
 
