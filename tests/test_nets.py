@@ -204,6 +204,18 @@ def test_transformers_encoder_loads_from_a_folder(tmp_path):
         PretrainedTextEncoder(str(tmp_path / "missing"))
 
 
+def test_transformers_states_do_not_depend_on_the_batch(tmp_path):
+    """The encoder runs padded to the batch's longest caption; a caption's states are the same in any batch
+    and the output is always padded to max_length."""
+    save_tiny_umt5(tmp_path)
+    enc = PretrainedTextEncoder(str(tmp_path), max_length=8)
+    alone = enc(["a blue square"])
+    mixed = enc(["a red circle moving up and", "a blue square"])
+    assert alone.states.shape[1:] == mixed.states.shape[1:] == (8, 32)
+    torch.testing.assert_close(alone.states[0], mixed.states[1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(alone.mask[0], mixed.mask[1])
+
+
 def test_minilm_from_the_package_gives_384_wide_states():
     enc = MiniLMTextEncoder(max_length=12)
     out = enc(["a red circle moving up", ""])

@@ -140,14 +140,20 @@ class PretrainedTextEncoder(TextEncoder):
 
 @torch.no_grad()
 def encode_with_transformers(tokenizer, model: nn.Module, captions: list[str], max_length: int) -> TextEmbedding:
-    """Token states of a transformers encoder, padded to `max_length`, zero after the last token (fp32, CPU)."""
-    batch = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_length,
+    """Token states of a transformers encoder, padded to `max_length`, zero after the last token (fp32, CPU).
+
+    The encoder runs on the batch padded only to its longest caption (the padding is masked out of attention,
+    so the states are the same), and the result is zero-padded to `max_length` afterwards.
+    """
+    batch = tokenizer(list(captions), padding="longest", truncation=True, max_length=max_length,
                       return_tensors="pt")
     device = next(model.parameters()).device
     mask = batch["attention_mask"].to(device)
     states = model(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
     mask = mask.bool()
-    return TextEmbedding((states * mask[..., None]).float().cpu(), mask.cpu())
+    pad = max_length - mask.shape[1]
+    states = nn.functional.pad((states * mask[..., None]).float().cpu(), (0, 0, 0, pad))
+    return TextEmbedding(states, nn.functional.pad(mask.cpu(), (0, pad)))
 
 
 def minilm_folder() -> Path:
