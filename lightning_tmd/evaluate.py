@@ -4,12 +4,14 @@
 
 For every (model, sampler setting): generate one clip per held-out prompt with fixed seeds, then
 FVD-shapes against the real clips of those prompts, prompt adherence and per-attribute accuracy by
-the shapes judge, temporal consistency, effective NFE and latency. Generated sets are cached, so a
-reference (e.g. the 50-step teacher) is sampled once.
+the shapes judge, temporal consistency, effective NFE and latency. Generated sets are cached under the
+checkpoint's content hash, so a reference (e.g. the 50-step teacher) is sampled once, even after its run
+folder moves.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import statistics
@@ -69,12 +71,24 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: Path, mtime_ns: int, size: int) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_digest(path: Path) -> str:
+    """SHA-256 of the checkpoint file's bytes (hashed once per file version), so cached sets follow the weights
+    and not the folder they sit in."""
+    stat = path.stat()
+    return _file_digest(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
 def generate_set(loaded: LoadedGenerator, captions: list[str], seeds: list[int], sampler: dict, batch_size: int,
                  cache_dir: Path) -> tuple[torch.Tensor, float]:
     """Generated clips (as the uint8 video they are written as, back in [-1, 1]) and NFE; cached on disk."""
-    stat = loaded.path.stat()
-    weights = [] if loaded.ema else ["raw weights"]  # EMA sets keep the keys they always had
-    key = cache_key(str(loaded.path.resolve()), stat.st_mtime_ns, stat.st_size, captions, seeds, sampler, *weights)
+    weights = [] if loaded.ema else ["raw weights"]
+    key = cache_key(checkpoint_digest(loaded.path), captions, seeds, sampler, *weights)
     path = cache_dir / "samples" / f"{key}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)

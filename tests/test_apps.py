@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -82,4 +83,10 @@ def test_evaluate_app_end_to_end(smoke_checkpoint, tiny_judge, tmp_path):
     # a second run reuses the cached sample sets and gives the same numbers
     again = evaluate(compose_app("evaluate", overrides))
     assert [r["fvd"] for r in again] == [r["fvd"] for r in rows]
+    assert len(list((tmp_path / "cache" / "samples").glob("*.pt"))) == 2
+    # ... keyed by the checkpoint's content: a copy in another folder hits the same sets
+    moved = tmp_path / "moved" / "last.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(smoke_checkpoint, moved)
+    evaluate(compose_app("evaluate", [f"models.teacher.ckpt={moved}", *overrides[1:]]))
     assert len(list((tmp_path / "cache" / "samples").glob("*.pt"))) == 2
