@@ -73,8 +73,11 @@ def cache_key(*parts: Any) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _file_digest(path: Path, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
     with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def checkpoint_digest(path: Path) -> str:
