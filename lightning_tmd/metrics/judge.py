@@ -214,9 +214,8 @@ def judge_accuracy(net: ShapesJudgeNet, videos: torch.Tensor, labels: dict[str, 
     objects = {k: torch.cat([v.objects[k] for v in verdicts]) for k in ("color", "shape", "direction")}
     every = torch.cat([v.all for v in verdicts])
     count = labels["num_objects"].cpu()
-    # objects are listed clip by clip (by colour within a clip): the object count of each one's clip
-    captioned = per_color_targets(labels)["present"].bool().cpu()
-    object_count = count[captioned.nonzero()[:, 0]]
+    # objects are listed clip by clip, one per captioned (distinct) colour: the object count of each one's clip
+    object_count = count.repeat_interleave(count)
     by_count = {}
     for k in count.unique().tolist():
         by_count[f"all_{k}obj"] = every[count == k].float().mean().item()
