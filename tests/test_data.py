@@ -84,6 +84,20 @@ def test_a_speed_that_is_not_positive_is_refused():
     assert datamodule.train_set.speed == datamodule.val_set.speed == 0.09 * 32
 
 
+def test_two_object_share_of_training_clips():
+    counts = {p: [int(ShapesDataset(200, frames=2, size=8, two_object_fraction=p)[i]["labels"]["num_objects"])
+                  for i in range(200)] for p in (0.0, 0.75, 1.0)}
+    assert set(counts[0.0]) == {1} and set(counts[1.0]) == {2}
+    assert 0.65 < counts[0.75].count(2) / 200 < 0.85
+    for bad in ({"two_object_fraction": 1.5}, {"two_object_fraction": 0.5, "max_objects": 1}):
+        with pytest.raises(ValueError, match="data.train_two_object_fraction"):
+            ShapesDataset(4, **bad)
+    dm = ShapesDataModule(None, frames=2, size=8, num_train=4, num_val=4, train_two_object_fraction=1.0)
+    reference = ShapesDataModule(None, frames=2, size=8, num_train=4, num_val=4)
+    assert dm.train_set.two_object_fraction == 1.0 and dm.val_set.two_object_fraction is None
+    assert all(torch.equal(dm.val_set[i]["video"], reference.val_set[i]["video"]) for i in range(4))
+
+
 def test_train_and_val_never_overlap():
     dm = ShapesDataModule(VocabTextEncoder(16, 16), "", frames=4, size=16, num_train=300, num_val=100)
     train = {dm.train_set[i]["video"].numpy().tobytes() for i in range(300)}

@@ -76,14 +76,19 @@ class ShapesDataset(Dataset):
     """`length` clips with global indices start .. start + length - 1 under `seed`."""
 
     def __init__(self, length: int, start: int = 0, seed: int = 0, frames: int = 8, size: int = 32,
-                 max_objects: int = 2, radius: float = 0.15, speed: float = DEFAULT_SPEED) -> None:
+                 max_objects: int = 2, radius: float = 0.15, speed: float = DEFAULT_SPEED,
+                 two_object_fraction: float | None = None) -> None:
         if max_objects not in (1, 2):
             raise ValueError(f"data.max_objects must be 1 or 2, got {max_objects}")
+        if two_object_fraction is not None and (max_objects != 2 or not 0 <= two_object_fraction <= 1):
+            raise ValueError(f"data.train_two_object_fraction={two_object_fraction}: give a share in [0, 1] with "
+                             f"data.max_objects=2 (got {max_objects}), or null for equal odds")
         if speed <= 0:
             raise ValueError(f"data.speed={speed}: objects must move; give a positive fraction of the clip "
                              f"size per frame ({DEFAULT_SPEED} by default)")
         self.length, self.start, self.seed = length, start, seed
         self.frames, self.size, self.max_objects = frames, size, max_objects
+        self.two_object_fraction = two_object_fraction
         self.radius = radius * size  # pixels
         self.speed = speed * size  # pixels per frame
         centres = np.arange(size) + 0.5
@@ -92,8 +97,15 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def sample_count(self, rng: np.random.Generator) -> int:
+        if self.max_objects == 1:
+            return 1
+        if self.two_object_fraction is None:  # equal odds: the clips of every judge and held-out prompt set
+            return int(rng.integers(1, 3))
+        return 2 if rng.random() < self.two_object_fraction else 1
+
     def sample_objects(self, rng: np.random.Generator) -> list[dict[str, int]]:
-        count = 1 if self.max_objects == 1 else int(rng.integers(1, 3))
+        count = self.sample_count(rng)
         colors = rng.choice(len(COLORS), size=count, replace=False)
         return [
             {"color": int(c), "shape": int(rng.integers(len(SHAPES))),
