@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_tmd.data.shapes import clip_key
 from lightning_tmd.nets.wan import transformer_config
+from lightning_tmd.optim import check_optimizer
 
 
 def model_settings(cfg: DictConfig) -> dict:
@@ -127,7 +128,8 @@ def check_head_blocks(head_blocks: int, blocks: int, field: str) -> None:
 
 
 def check_teacher(cfg: DictConfig) -> None:
-    """The share and range of the high-noise training times (a key the config lacks takes the module's default)."""
+    """The share and range of the high-noise training times and the optimizer (a key the config lacks takes the
+    module's default)."""
     from lightning_tmd.modules.teacher import TeacherModule
 
     defaults = inspect.signature(TeacherModule).parameters
@@ -138,6 +140,11 @@ def check_teacher(cfg: DictConfig) -> None:
     if not 0 <= low < 0.999:
         raise ValueError(f"stage.module.high_noise_min={low}: the high-noise times are drawn from "
                          "U(high_noise_min, 0.999); give a value in [0, 0.999)")
+    optimizer = module.get("optimizer", defaults["optimizer"].default)
+    check_optimizer(optimizer)
+    if optimizer == "muon" and "FSDP" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
+        raise ValueError("stage.module.optimizer=muon orthogonalises whole weight matrices, which FSDP2 shards: "
+                         "use strategy=ddp, or stage.module.optimizer=adamw with strategy=fsdp")
 
 
 def check_student(cfg: DictConfig, model: dict) -> None:

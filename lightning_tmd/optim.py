@@ -1,4 +1,4 @@
-"""Optimisation helpers shared by the stage modules: learning-rate schedule and EMA of weights."""
+"""Optimisation helpers shared by the stage modules: optimizers, learning-rate schedule and EMA of weights."""
 
 from __future__ import annotations
 
@@ -42,3 +42,71 @@ def ema_with_warmup(decay: float) -> Callable[[list[torch.Tensor], list[torch.Te
                 torch._foreach_lerp_([a for a, _ in pairs], [c for _, c in pairs], weight)
 
     return update
+
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+def hidden_matrices(net: torch.nn.Module) -> list[str]:
+    """Names of the weight matrices inside the transformer blocks: the parameters Muon orthogonalises.
+    Embeddings, the output projection, the time/text MLPs, norms, biases and modulation tables are not."""
+    return [name for name, p in net.named_parameters() if ".blocks." in f".{name}" and p.ndim == 2]
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """`torch.optim.Muon` on the hidden weight matrices and `torch.optim.AdamW` on every other parameter,
+    stepped, scheduled and checkpointed as one optimizer.
+
+    Muon's update is scaled to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`), so both share `lr` and
+    `weight_decay`. The two optimizers share one `state` dict (their parameters are disjoint) and this
+    optimizer's `param_groups` are theirs, so a learning-rate scheduler and `state_dict` see both.
+    """
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], hidden: list[str], lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, momentum: float = 0.95) -> None:
+        hidden_set = set(hidden)
+        muon_params = [p for n, p in named_params if n in hidden_set]
+        adamw_params = [p for n, p in named_params if n not in hidden_set]
+        if not muon_params:
+            raise ValueError("optimizer=muon: the net has no weight matrices in transformer blocks")
+        self.muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                     adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW(adamw_params, lr=lr, betas=betas, weight_decay=weight_decay)
+        super().__init__([{"params": muon_params + adamw_params}], {"lr": lr})
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+        self.muon.state = self.adamw.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # rebuilds `param_groups` and `state`: hand them to the children
+        n = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state
+
+
+def check_optimizer(name: str) -> None:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"stage.module.optimizer='{name}' is unknown: use one of {OPTIMIZERS}")
+
+
+def build_optimizer(net: torch.nn.Module, name: str, lr: float, betas: tuple[float, float],
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW on every parameter (`adamw`), or Muon on the blocks' weight matrices and AdamW on the rest
+    (`muon`, `MuonAdamW`)."""
+    check_optimizer(name)
+    if name == "muon":
+        return MuonAdamW(list(net.named_parameters()), hidden_matrices(net), lr, betas, weight_decay)
+    return torch.optim.AdamW(net.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)

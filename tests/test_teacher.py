@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from conftest import TINY_WAN
@@ -108,3 +110,58 @@ def test_lr_warms_up_then_decays_by_cosine():
 def test_optimizers_are_built_outside_a_trainer():
     config = teacher(lr=1e-3).configure_optimizers()
     assert config["optimizer"].param_groups[0]["lr"] == 1e-3 * config["lr_scheduler"]["scheduler"].lr_lambdas[0](0)
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    from lightning_tmd.optim import MuonAdamW, hidden_matrices
+
+    module = teacher(optimizer="muon", lr=1e-3)
+    names = hidden_matrices(module.net)
+    assert names and all(".blocks." in f".{n}" and n.endswith("weight") for n in names)
+    assert not any("patch_embedding" in n or "proj_out" in n or "condition_embedder" in n for n in names)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, MuonAdamW)
+    by_id = {id(p): n for n, p in module.net.named_parameters()}
+    muon = {by_id[id(p)] for g in optimizer.muon.param_groups for p in g["params"]}
+    adamw = {by_id[id(p)] for g in optimizer.adamw.param_groups for p in g["params"]}
+    assert muon == set(names) and not muon & adamw and muon | adamw == set(by_id.values())
+
+
+def muon_run(optimizer, schedule, net, steps, x):
+    for _ in range(steps):
+        net(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+
+
+def test_muon_adamw_steps_schedules_and_resumes_both_parts_exactly():
+    from lightning_tmd.optim import build_optimizer
+
+    def fresh():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential()
+        net.blocks = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU())  # blocks.0.weight: Muon
+        net.head = torch.nn.Linear(8, 3)
+        optimizer = build_optimizer(net, "muon", 1e-2, (0.9, 0.99), 0.01)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+        return net, optimizer, schedule
+
+    x = torch.randn(16, 4)
+    net, optimizer, schedule = fresh()
+    before = [p.clone() for p in net.parameters()]
+    muon_run(optimizer, schedule, net, 3, x)
+    assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()))  # Muon and AdamW parts moved
+    assert {g["lr"] for o in (optimizer.muon, optimizer.adamw) for g in o.param_groups} == {1e-2 / 8}
+    assert "momentum_buffer" in optimizer.muon.state[net.blocks[0].weight]
+    assert "exp_avg" in optimizer.state[net.head.weight]
+
+    resumed, resumed_optimizer, resumed_schedule = fresh()
+    resumed.load_state_dict(net.state_dict())
+    resumed_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as if read from a file
+    resumed_schedule.load_state_dict(schedule.state_dict())
+    muon_run(optimizer, schedule, net, 2, x)
+    muon_run(resumed_optimizer, resumed_schedule, resumed, 2, x)
+    for a, b in zip(net.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert resumed_optimizer.muon.param_groups[0] is resumed_optimizer.param_groups[0]

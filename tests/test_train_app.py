@@ -76,6 +76,7 @@ def test_unknown_experiment_is_named(smoke_cfg):
         ("ckpt_path=/no/such.ckpt", FileNotFoundError, "ckpt_path"),
         ("stage.module.high_noise_fraction=1.5", ValueError, "high_noise_fraction=1.5"),
         ("stage.module.high_noise_min=1.0", ValueError, "high_noise_min=1.0"),
+        ("stage.module.optimizer=sgd", ValueError, "optimizer='sgd'"),
     ],
 )
 def test_bad_config_fails_before_training(smoke_cfg, override, error, message):
@@ -84,12 +85,19 @@ def test_bad_config_fails_before_training(smoke_cfg, override, error, message):
     assert not (Path(smoke_cfg().output_dir) / "checkpoints").exists()
 
 
-def test_resumed_run_equals_the_uninterrupted_run(smoke_cfg, tmp_path):
-    straight = smoke_cfg("trainer.max_steps=20", f"output_dir={tmp_path / 'straight'}")
+def test_muon_with_fsdp_is_refused_before_training(smoke_cfg):
+    with pytest.raises(ValueError, match="optimizer=muon .* FSDP2"):
+        train(smoke_cfg("strategy=fsdp", "stage.module.optimizer=muon"))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resumed_run_equals_the_uninterrupted_run(smoke_cfg, tmp_path, optimizer):
+    option = f"stage.module.optimizer={optimizer}"
+    straight = smoke_cfg("trainer.max_steps=20", option, f"output_dir={tmp_path / 'straight'}")
     train(straight)
-    first = smoke_cfg("trainer.max_steps=10", f"output_dir={tmp_path / 'first'}")
+    first = smoke_cfg("trainer.max_steps=10", option, f"output_dir={tmp_path / 'first'}")
     train(first)
-    resumed = smoke_cfg("trainer.max_steps=20", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}",
+    resumed = smoke_cfg("trainer.max_steps=20", option, f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}",
                         f"output_dir={tmp_path / 'resumed'}")
     train(resumed)
 

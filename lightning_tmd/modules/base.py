@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from lightning_tmd.optim import ema_with_warmup, warmup_then_decay
+from lightning_tmd.optim import build_optimizer, ema_with_warmup, warmup_then_decay
 from lightning_tmd.parallel import reshard, shard_for_strategy
 
 
@@ -68,8 +68,7 @@ class GeneratorModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas),
-                                      weight_decay=hp.weight_decay)
+        optimizer = build_optimizer(self.net, hp.get("optimizer", "adamw"), hp.lr, tuple(hp.betas), hp.weight_decay)
         trainer = self._trainer  # None outside a Trainer (benchmarks, notebooks)
         total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else None
         factor = warmup_then_decay(hp.warmup_steps, hp.lr_schedule, total, hp.min_lr_ratio)
