@@ -4,8 +4,8 @@
     python experiments/teacher_speed.py --steps 20 --out experiments/results/teacher_speed.md
 
 Each experiment is measured in a fresh subprocess (so peak RSS is its own): the median of `--steps`
-timed AdamW steps (forward + backward + step, after 3 warm-up steps) on real shapes batches with
-cached text, the forward alone, and one 50-step CFG sample of 8 clips.
+timed training steps (forward + backward + the experiment's optimizer step, after 3 warm-up steps) on real
+shapes batches with cached text, the forward alone, and one 50-step CFG sample of 8 clips.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def teacher_training(overrides: list[str]):
 
 def train_step_times(module, optimizer, next_batch, steps: int, with_data: bool = False,
                      warmup: int = 3) -> list[float]:
-    """Seconds of `steps` AdamW flow-matching steps (+ EMA) after `warmup` untimed ones; `with_data`
+    """Seconds of `steps` flow-matching optimizer steps (+ EMA) after `warmup` untimed ones; `with_data`
     also times drawing and embedding the batch."""
     times = []
     for i in range(steps + warmup):
