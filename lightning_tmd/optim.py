@@ -62,11 +62,8 @@ class MuonAdamW(torch.optim.Optimizer):
     optimizer's `param_groups` are theirs, so a learning-rate scheduler and `state_dict` see both.
     """
 
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], hidden: list[str], lr: float,
+    def __init__(self, muon_params: list[torch.nn.Parameter], adamw_params: list[torch.nn.Parameter], lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, momentum: float = 0.95) -> None:
-        hidden_set = set(hidden)
-        muon_params = [p for n, p in named_params if n in hidden_set]
-        adamw_params = [p for n, p in named_params if n not in hidden_set]
         if not muon_params:
             raise ValueError("optimizer=muon: the net has no weight matrices in transformer blocks")
         self.muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum,
@@ -108,5 +105,8 @@ def build_optimizer(net: torch.nn.Module, name: str, lr: float, betas: tuple[flo
     (`muon`, `MuonAdamW`)."""
     check_optimizer(name)
     if name == "muon":
-        return MuonAdamW(list(net.named_parameters()), hidden_matrices(net), lr, betas, weight_decay)
+        hidden = set(hidden_matrices(net))
+        named = list(net.named_parameters())
+        return MuonAdamW([p for n, p in named if n in hidden], [p for n, p in named if n not in hidden], lr, betas,
+                         weight_decay)
     return torch.optim.AdamW(net.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
