@@ -41,6 +41,7 @@ COLUMNS = [("model", "model"), ("setting", "setting"), ("nfe", "eff. NFE"), ("fv
            ("adherence", "adherence ↑"), ("count", "count"), ("color", "colour"), ("shape", "shape"),
            ("direction", "direction"), ("all_1obj", "adherence 1 obj"), ("direction_1obj", "direction 1 obj"),
            ("all_2obj", "adherence 2 obj"), ("direction_2obj", "direction 2 obj"),
+           ("same_shape_2obj", "same shape 2 obj ↓"), ("same_direction_2obj", "same dir. 2 obj ↓"),
            ("size_cv", "size CV ↓"), ("colour_drift", "colour drift ↓"),
            ("path_jitter", "path jitter px ↓"),
            ("clip_score", "CLIP score"), ("lpips_diversity", "LPIPS div."),
@@ -207,7 +208,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     notes = (f"{n} clips per set (held-out prompts, seed {cfg.seed}); FVD-shapes = Fréchet distance of the shapes "
              f"judge's {judge.num_features}-d features to {n} real clips of the same prompts. Adherence = all "
              f"attributes read by the judge match the prompt; count = per clip, colour/shape/direction = per "
-             f"captioned object; adherence / direction k obj = the same over the prompts with k objects. "
+             f"captioned object; adherence / direction k obj = the same over the prompts with k objects; same "
+             f"shape / dir. 2 obj = of the two-object prompts whose objects differ in it, the share where the "
+             f"judge reads both objects alike (one object's words bound to both). "
              f"Judge held-out accuracy: "
              + ", ".join(f"{k} {v:.3f}" for k, v in judge_acc.items())
              + f". Latency: median of {cfg.latency.repeats} runs at batch {cfg.latency.batch_size}, "

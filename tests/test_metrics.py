@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from lightning_tmd.data.shapes import DEFAULT_SPEED, ShapesDataset, stacked
-from lightning_tmd.metrics.judge import JudgeFeatures, judge_accuracy, judge_file_name, load_judge, per_color_targets
+from lightning_tmd.metrics.judge import (
+    JudgeFeatures,
+    judge_accuracy,
+    judge_file_name,
+    load_judge,
+    per_color_targets,
+    read_alike,
+)
 from lightning_tmd.metrics.video import (
     fake_distance,
     frechet_video_distance,
@@ -43,7 +50,7 @@ def test_cached_judge_loads_and_refuses_other_clip_settings(tiny_judge):
     video, _ = clips(4)
     torch.testing.assert_close(loaded.features(video), net.features(video))
     assert set(info["accuracy"]) == {"count", "color", "shape", "direction", "all", "all_1obj", "all_2obj",
-                                     "direction_1obj", "direction_2obj"}
+                                     "direction_1obj", "direction_2obj", "same_shape_2obj", "same_direction_2obj"}
     with pytest.raises(ValueError, match="judge.path"):
         load_judge(path, {"frames": 8, "size": 16, "max_objects": 2})
     with pytest.raises(ValueError, match="speed"):
@@ -76,6 +83,33 @@ def test_real_clips_adhere_to_their_own_captions(tiny_judge):
         objects_1 * accuracy["direction_1obj"] + (1 - objects_1) * accuracy["direction_2obj"], abs=1e-6)
     shuffled = {k: v.roll(1, 0) for k, v in labels.items()}  # someone else's captions
     assert judge_accuracy(net, video, shuffled)["all"] < 0.5 * accuracy["all"]
+
+
+def test_read_alike_only_scores_two_object_captions_that_differ():
+    captioned = torch.tensor([[0, 1, 0, 0, 1, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [1, 0, 0, 0, 0, 1]]).bool()
+    target = torch.tensor([[-1, 2, -1, -1, 5, -1], [3, 3, -1, -1, -1, -1], [-1, -1, 1, -1, -1, -1],
+                           [0, -1, -1, -1, -1, 6]])
+    read = torch.tensor([[0, 5, 0, 0, 5, 0], [3, 3, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 6, 6, 6, 6, 6]])
+    same = read_alike(read, target, captioned)
+    # clip 0: captioned 2 and 5, both read 5 -> leaked; clip 1: the caption gives both 3 -> not scored;
+    # clip 2: one object -> not scored; clip 3: read 0 and 6 as captioned -> told apart
+    assert same[0] == 1 and same[1].isnan() and same[2].isnan() and same[3] == 0
+
+
+def test_leakage_counts_two_objects_read_alike_against_a_caption_that_tells_them_apart(tiny_judge):
+    _, net, _ = tiny_judge
+    video, labels = clips(512, start=1 << 41)
+    real = judge_accuracy(net, video, labels)
+    # two-object clips whose objects really move the same way, captioned as if the second one went the
+    # opposite way: both read alike although the caption differs
+    same = (labels["num_objects"] == 2) & (labels["direction"][:, 0] == labels["direction"][:, 1])
+    assert same.sum() >= 8
+    leaky = {k: v[same].clone() for k, v in labels.items()}
+    leaky["direction"][:, 1] = (leaky["direction"][:, 1] + 4) % 8
+    leaked = judge_accuracy(net, video[same], leaky)
+    assert leaked["same_direction_2obj"] > real["same_direction_2obj"] + 0.2
+    ones = labels["num_objects"] == 1  # no two-object prompt: nothing to measure
+    assert "same_direction_2obj" not in judge_accuracy(net, video[ones], {k: v[ones] for k, v in labels.items()})
 
 
 def test_fvd_is_zero_on_itself_and_grows_with_noise_and_shuffled_frames(tiny_judge):

@@ -106,6 +106,7 @@ class Judgement:
     shape: torch.Tensor  # every captioned object (by colour) has the captioned shape
     direction: torch.Tensor  # ... and the captioned direction
     objects: dict[str, torch.Tensor]  # per captioned object: (N_objects,) bool for each attribute
+    same: dict[str, torch.Tensor]  # shape / direction: (B,) 1 when both objects read alike, NaN if not applicable
 
     @property
     def all(self) -> torch.Tensor:
@@ -124,8 +125,8 @@ def judge(net: ShapesJudgeNet, video: torch.Tensor, labels: dict[str, torch.Tens
     ranks.scatter_(1, ranked, torch.arange(NUM_COLORS, device=ranked.device).expand_as(ranked))
     predicted_present = ranks < count[:, None]
     captioned = target["present"].bool()
-    shape_ok = logits["shape"].argmax(2) == target["shape"]
-    direction_ok = logits["direction"].argmax(2) == target["direction"]
+    shape, direction = logits["shape"].argmax(2), logits["direction"].argmax(2)
+    shape_ok, direction_ok = shape == target["shape"], direction == target["direction"]
     return Judgement(
         count=count == labels["num_objects"],
         color=(predicted_present == captioned).all(1),
@@ -136,7 +137,20 @@ def judge(net: ShapesJudgeNet, video: torch.Tensor, labels: dict[str, torch.Tens
             "shape": shape_ok[captioned],
             "direction": direction_ok[captioned],
         },
+        same={"shape": read_alike(shape, target["shape"], captioned),
+              "direction": read_alike(direction, target["direction"], captioned)},
     )
+
+
+def read_alike(read: torch.Tensor, target: torch.Tensor, captioned: torch.Tensor) -> torch.Tensor:
+    """Attribute leakage: per clip whose caption gives its two objects different values of an attribute,
+    1.0 when the judge reads the same value for both (one object's words bound to both), else 0.0; NaN for
+    the other clips. `read` and `target` are per colour (B, 6), `captioned` marks the captioned colours."""
+    pair = captioned.int().argsort(dim=1, descending=True, stable=True)[:, :2]  # the two captioned colours
+    read, target = read.gather(1, pair), target.gather(1, pair)
+    applies = (captioned.sum(1) == 2) & (target[:, 0] != target[:, 1])
+    alike = (read[:, 0] == read[:, 1]).float()
+    return torch.where(applies, alike, torch.full_like(alike, float("nan")))
 
 
 class JudgeModule(L.LightningModule):
@@ -208,7 +222,9 @@ def judge_accuracy(net: ShapesJudgeNet, videos: torch.Tensor, labels: dict[str, 
                    batch_size: int = 64) -> dict[str, float]:
     """Per-attribute accuracy: count and all-correct per clip; colour, shape, direction per object. Then,
     per number k of captioned objects, all-correct of those clips (`all_<k>obj`) and the direction of
-    their objects (`direction_<k>obj`): two-object prompts are much harder than one-object ones."""
+    their objects (`direction_<k>obj`): two-object prompts are much harder than one-object ones. And the
+    attribute leakage of two-object prompts (`same_shape_2obj`, `same_direction_2obj`): of the clips whose
+    caption gives the objects different shapes (directions), the share where both are read alike."""
     verdicts = [judge(net, videos[i : i + batch_size], {k: v[i : i + batch_size] for k, v in labels.items()})
                 for i in range(0, len(videos), batch_size)]
     objects = {k: torch.cat([v.objects[k] for v in verdicts]) for k in ("color", "shape", "direction")}
@@ -220,6 +236,10 @@ def judge_accuracy(net: ShapesJudgeNet, videos: torch.Tensor, labels: dict[str, 
     for k in count.unique().tolist():
         by_count[f"all_{k}obj"] = every[count == k].float().mean().item()
         by_count[f"direction_{k}obj"] = objects["direction"][object_count == k].float().mean().item()
+    for name in ("shape", "direction"):
+        same = torch.cat([v.same[name] for v in verdicts])
+        if not same.isnan().all():
+            by_count[f"same_{name}_2obj"] = same.nanmean().item()
     return {
         "count": torch.cat([v.count for v in verdicts]).float().mean().item(),
         **{k: v.float().mean().item() for k, v in objects.items()},
