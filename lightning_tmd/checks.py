@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -103,11 +104,18 @@ def check_matching_checkpoint(cfg: DictConfig, field: str, path: str, hint: str)
             theirs, mine = trained[group].get(key), ours[group].get(key)
             if key in defaults:  # runs from before the setting existed have none
                 theirs, mine = theirs or defaults[key], mine or defaults[key]
+            if key == "encoder":  # an unset option equals its absence (runs from before it existed)
+                theirs, mine = without_nulls(theirs), without_nulls(mine)
             if theirs != mine:
                 raise ValueError(f"{group}.{key}: {mine} differs from the one {field} was trained with "
                                  f"({theirs}); use that checkpoint's {group}")
         check_same_clips(field, trained.get("data", {}), ours["data"])
     return checkpoint
+
+
+def without_nulls(config: Any) -> Any:
+    """A config dict without its null entries."""
+    return {k: v for k, v in config.items() if v is not None} if isinstance(config, dict) else config
 
 
 def check_same_clips(field: str, trained: dict, ours: dict) -> None:

@@ -184,8 +184,9 @@ class TMDPipeline(DiffusionPipeline):
                 f"prompt_embeds (B, S, {self.student.config.transformer['text_dim']}) from the run's text "
                 "encoder instead, or export again with text_encoder=true"
             )
-        return encode_with_transformers(self.tokenizer, self.text_encoder, prompts,
-                                        self.student.config.text["max_length"])
+        text = self.student.config.text
+        return encode_with_transformers(self.tokenizer, self.text_encoder, prompts, text["max_length"],
+                                        text.get("hidden_layer"))
 
     def prompt_context(self, prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None,
                        num_videos_per_prompt: int) -> torch.Tensor:

@@ -124,7 +124,8 @@ def export_text(text: dict[str, Any], ship_encoder: bool) -> ExportedText:
         return ExportedText({"kind": "vocab", "seed": encoder.seed, **settings}, negative)
     if isinstance(encoder, PretrainedTextEncoder):
         parts = (encoder.model, encoder.tokenizer) if ship_encoder else (None, None)
-        return ExportedText({"kind": "transformers", **settings}, negative, *parts)
+        return ExportedText({"kind": "transformers", "hidden_layer": encoder.hidden_layer, **settings}, negative,
+                            *parts)
     return ExportedText({"kind": "embeddings", **settings}, negative)
 
 

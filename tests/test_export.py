@@ -233,15 +233,17 @@ def save_tiny_umt5(folder: Path, width: int) -> None:
     UMT5EncoderModel(config).save_pretrained(folder)
 
 
-def test_transformers_text_encoder_travels_with_the_export(smoke_student_checkpoint, tmp_path):
+@pytest.mark.parametrize("hidden_layer", [None, 0])
+def test_transformers_text_encoder_travels_with_the_export(smoke_student_checkpoint, tmp_path, hidden_layer):
     save_tiny_umt5(tmp_path / "umt5", width=16)
     checkpoint = torch.load(smoke_student_checkpoint, map_location="cpu", weights_only=False)
     checkpoint["run_config"]["text"] = {"encoder": {"_target_": "lightning_tmd.nets.text.PretrainedTextEncoder",
-                                                    "path": str(tmp_path / "umt5"), "max_length": 8},
+                                                    "path": str(tmp_path / "umt5"), "max_length": 8,
+                                                    "hidden_layer": hidden_layer},
                                         "dim": 16, "negative_prompt": "blurry"}
     ckpt = tmp_path / "umt5_student.ckpt"
     torch.save(checkpoint, ckpt)
-    encoder = PretrainedTextEncoder(str(tmp_path / "umt5"), max_length=8)
+    encoder = PretrainedTextEncoder(str(tmp_path / "umt5"), max_length=8, hidden_layer=hidden_layer)
 
     out = export_to(ckpt, tmp_path / "with_text")
     assert (out / "text_encoder" / "config.json").is_file() and (out / "tokenizer").is_dir()

@@ -216,6 +216,20 @@ def test_transformers_states_do_not_depend_on_the_batch(tmp_path):
     assert torch.equal(alone.mask[0], mixed.mask[1])
 
 
+def test_an_intermediate_layer_of_the_text_encoder_can_be_picked(tmp_path):
+    save_tiny_umt5(tmp_path)
+    captions = ["a red circle moving up and", "a blue square"]
+    output = PretrainedTextEncoder(str(tmp_path), max_length=8)(captions)
+    first = PretrainedTextEncoder(str(tmp_path), max_length=8, hidden_layer=1)(captions)
+    penultimate = PretrainedTextEncoder(str(tmp_path), max_length=8, hidden_layer=-2)(captions)
+    torch.testing.assert_close(first.states, penultimate.states)  # two layers: layer 1 is the penultimate
+    assert not torch.allclose(first.states, output.states)
+    assert torch.equal(first.mask, output.mask) and first.states[1, 3:].abs().sum() == 0
+    for layer in (3, -4):
+        with pytest.raises(ValueError, match="text.encoder.hidden_layer"):
+            PretrainedTextEncoder(str(tmp_path), hidden_layer=layer)
+
+
 def test_minilm_from_the_package_gives_384_wide_states():
     enc = MiniLMTextEncoder(max_length=12)
     out = enc(["a red circle moving up", ""])

