@@ -14,25 +14,21 @@ and shape, and reports held-out accuracy (chance 0.125 for direction, 0.333 for 
 from __future__ import annotations
 
 import argparse
-import random
 
+import numpy as np
 import torch
 from benchmarking import show_and_save
 from torch.nn import functional as F
 
-from lightning_tmd.data.shapes import COLOR_NAMES, DIRECTION_NAMES, SHAPES, caption_of
+from lightning_tmd.data.shapes import COLOR_NAMES, DIRECTION_NAMES, SHAPES, ShapesDataset, caption_of
 from lightning_tmd.nets.text import MiniLMTextEncoder
 
 
-def two_object_captions(count: int, seed: int) -> list[list[dict[str, int]]]:
-    """`count` random two-object scenes (distinct colours), as in the shapes data."""
-    rng = random.Random(seed)
-    scenes = []
-    for _ in range(count):
-        colors = rng.sample(range(len(COLOR_NAMES)), 2)
-        scenes.append([{"color": c, "shape": rng.randrange(len(SHAPES)),
-                        "direction": rng.randrange(len(DIRECTION_NAMES))} for c in colors])
-    return scenes
+def two_object_scenes(count: int, seed: int) -> list[list[dict[str, int]]]:
+    """`count` two-object scenes drawn like the shapes data's (distinct colours)."""
+    dataset = ShapesDataset(count, two_object_fraction=1.0)
+    rng = np.random.default_rng(seed)
+    return [dataset.sample_objects(rng) for _ in range(count)]
 
 
 @torch.no_grad()
@@ -76,7 +72,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    scenes = two_object_captions(args.captions, args.seed)
+    scenes = two_object_scenes(args.captions, args.seed)
     states = colour_word_states(MiniLMTextEncoder(), scenes)
     labels = {k: torch.tensor([[s[0][k], s[1][k]] for s in scenes]) for k in ("direction", "shape")}
     classes = {"direction": len(DIRECTION_NAMES), "shape": len(SHAPES)}
