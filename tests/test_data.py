@@ -127,3 +127,35 @@ def test_resumable_loader_starts_a_new_epoch_after_a_fully_served_one():
         served = [next(iterator).tolist() for _ in range(len(prefetched))]
         assert served == [b.tolist() for b in exhausted]
     assert len(prefetched) == 3 and prefetched.epoch == 2
+
+
+def object_area(video, colour_index):
+    """Mean pixel area over frames of the object whose colour is COLOR_NAMES[colour_index]."""
+    from lightning_tmd.data.shapes import COLORS
+
+    rgb = torch.tensor(COLORS[COLOR_NAMES[colour_index]]) * 2 - 1
+    return ((video - rgb[:, None, None, None]).abs().sum(0) < 1e-4).float().sum((1, 2)).mean().item()
+
+
+def test_random_object_areas_keep_captions_and_make_area_uninformative():
+    default, jittered = ShapesDataset(300, max_objects=1), ShapesDataset(300, max_objects=1, object_areas=(0.4, 1.3))
+    areas = {shape: [] for shape in SHAPES}
+    for i in range(300):
+        a, b = default[i], jittered[i]
+        assert a["caption"] == b["caption"]  # the areas are drawn after the caption's attributes
+        assert all(torch.equal(a["labels"][k], b["labels"][k]) for k in a["labels"])
+        areas[SHAPES[int(b["labels"]["shape"][0])]].append(object_area(b["video"], int(b["labels"]["color"][0])))
+    circle = 3.14159 * (0.15 * 32) ** 2
+    means = {shape: sum(v) / len(v) / circle for shape, v in areas.items()}
+    assert all(0.75 < m < 0.95 for m in means.values()), means  # E U(0.4, 1.3) = 0.85 for every shape
+    assert all(min(v) < 0.5 * circle and max(v) > 1.2 * circle for v in areas.values())
+    # one common area: every shape covers the same number of pixels (up to pixel quantisation)
+    same = ShapesDataset(60, max_objects=1, object_areas=(0.7, 0.7))
+    sizes = [object_area(same[i]["video"], int(same[i]["labels"]["color"][0])) / (0.7 * circle) for i in range(60)]
+    assert all(0.85 < s < 1.15 for s in sizes) and 0.97 < sum(sizes) / len(sizes) < 1.03, sizes
+    two = ShapesDataset(50, two_object_fraction=1.0, object_areas=(0.4, 1.3))
+    for i in range(50):  # both objects stay visible and apart
+        item = two[i]
+        assert all(object_area(item["video"], int(c)) > 0.2 * circle for c in item["labels"]["color"])
+    with pytest.raises(ValueError, match="object_areas"):
+        ShapesDataset(4, object_areas=(1.0, 0.5))

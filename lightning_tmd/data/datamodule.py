@@ -98,10 +98,12 @@ class ShapesDataModule(L.LightningDataModule):
                  size: int = 32, max_objects: int = 2, num_train: int = 1_000_000, num_val: int = 256,
                  batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
                  seed: int = 0, shard: bool = True, speed: float = DEFAULT_SPEED,
-                 train_two_object_fraction: float | None = None) -> None:
+                 train_two_object_fraction: float | None = None,
+                 object_areas: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.prompts = PromptEncoder(text_encoder, negative_prompt) if text_encoder is not None else None
-        clip = dict(seed=seed, frames=frames, size=size, max_objects=max_objects, speed=speed)
+        clip = dict(seed=seed, frames=frames, size=size, max_objects=max_objects, speed=speed,
+                    object_areas=None if object_areas is None else tuple(object_areas))
         self.train_set = ShapesDataset(num_train, start=0, two_object_fraction=train_two_object_fraction, **clip)
         self.val_set = ShapesDataset(num_val, start=VAL_START, **clip)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size

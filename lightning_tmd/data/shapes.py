@@ -8,6 +8,10 @@ direction is the direction seen in every frame.
 Item: {"video": (C, T, H, W) float32 in [-1, 1], "caption": str, "labels": {...} int64}.
 Labels hold every caption attribute: `num_objects`, and per object slot `color`, `shape`,
 `direction` (shape (max_objects,), -1 for an absent object).
+
+By default every object has the same radius, so a shape's area gives it away (at 32 x 32: circles cover
+about 72 pixels, squares 67, triangles 41). With `object_areas` each object's area is drawn at random and
+its radius follows from its shape, so only the outline tells the shapes apart.
 """
 
 from __future__ import annotations
@@ -51,6 +55,15 @@ def caption_of(objects: list[dict[str, int]]) -> str:
     return " and ".join(parts)
 
 
+# area of each shape in units of radius^2 (as `shape_mask` draws them)
+AREA_PER_RADIUS2: dict[str, float] = {"circle": float(np.pi), "square": 1.7**2, "triangle": 0.5 * 2 * 1.8}
+
+
+def radius_for_area(shape: str, area: float) -> float:
+    """The radius at which `shape_mask` draws `shape` with the given area (pixels^2)."""
+    return float(np.sqrt(area / AREA_PER_RADIUS2[shape]))
+
+
 def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.ndarray:
     """Pixels inside a shape centred at the origin; dx, dy are pixel-centre offsets."""
     if shape == "circle":
@@ -77,7 +90,8 @@ class ShapesDataset(Dataset):
 
     def __init__(self, length: int, start: int = 0, seed: int = 0, frames: int = 8, size: int = 32,
                  max_objects: int = 2, radius: float = 0.15, speed: float = DEFAULT_SPEED,
-                 two_object_fraction: float | None = None) -> None:
+                 two_object_fraction: float | None = None,
+                 object_areas: tuple[float, float] | None = None) -> None:
         if max_objects not in (1, 2):
             raise ValueError(f"data.max_objects must be 1 or 2, got {max_objects}")
         if two_object_fraction is not None and (max_objects != 2 or not 0 <= two_object_fraction <= 1):
@@ -86,7 +100,11 @@ class ShapesDataset(Dataset):
         if speed <= 0:
             raise ValueError(f"data.speed={speed}: objects must move; give a positive fraction of the clip "
                              f"size per frame ({DEFAULT_SPEED} by default)")
+        if object_areas is not None and not 0 < object_areas[0] <= object_areas[1]:
+            raise ValueError(f"object_areas={list(object_areas)}: give [low, high] with 0 < low <= high, in units "
+                             "of the default circle's area, or null for one radius for every shape")
         self.length, self.start, self.seed = length, start, seed
+        self.object_areas = None if object_areas is None else (float(object_areas[0]), float(object_areas[1]))
         self.frames, self.size, self.max_objects = frames, size, max_objects
         self.two_object_fraction = two_object_fraction
         self.radius = radius * size  # pixels
@@ -107,17 +125,26 @@ class ShapesDataset(Dataset):
     def sample_objects(self, rng: np.random.Generator) -> list[dict[str, int]]:
         count = self.sample_count(rng)
         colors = rng.choice(len(COLORS), size=count, replace=False)
-        return [
+        objects = [
             {"color": int(c), "shape": int(rng.integers(len(SHAPES))),
              "direction": int(rng.integers(len(DIRECTIONS)))}
             for c in colors
         ]
+        if self.object_areas is not None:  # drawn after the attributes: captions stay those of the default data
+            circle = AREA_PER_RADIUS2["circle"] * self.radius**2
+            for obj, area in zip(objects, rng.uniform(*self.object_areas, size=count)):
+                obj["radius"] = radius_for_area(SHAPES[obj["shape"]], area * circle)
+        return objects
 
-    def trajectory(self, rng: np.random.Generator, direction: int) -> np.ndarray:
+    def object_radius(self, obj: dict) -> float:
+        return obj.get("radius", self.radius)
+
+    def trajectory(self, rng: np.random.Generator, direction: int, radius: float | None = None) -> np.ndarray:
         """(T, 2) object centres: constant velocity, bouncing off the walls."""
         unit = np.asarray(DIRECTIONS[DIRECTION_NAMES[direction]], dtype=np.float64)
         velocity = self.speed * unit / np.linalg.norm(unit)
-        low, high = self.radius, self.size - self.radius
+        radius = self.radius if radius is None else radius
+        low, high = radius, self.size - radius
         travel = velocity * (self.frames - 1)
         start = np.empty(2)
         for axis in range(2):  # prefer starts that reach no wall within the clip
@@ -128,12 +155,14 @@ class ShapesDataset(Dataset):
     def separated_paths(self, rng: np.random.Generator, objects: list[dict[str, int]],
                         tries: int = 32) -> list[np.ndarray]:
         """Trajectories; a second object's start is redrawn (up to `tries` times) until the two
-        never come closer than 1.8 radii, so both stay visible in every frame."""
-        paths = [self.trajectory(rng, objects[0]["direction"])]
+        never come closer than 0.9 times the sum of their radii, so both stay visible in every frame."""
+        first = objects[0]
+        paths = [self.trajectory(rng, first["direction"], self.object_radius(first))]
         for obj in objects[1:]:
+            gap = 0.9 * (self.object_radius(first) + self.object_radius(obj))
             for _ in range(tries):
-                path = self.trajectory(rng, obj["direction"])
-                if np.linalg.norm(path - paths[0], axis=1).min() >= 1.8 * self.radius:
+                path = self.trajectory(rng, obj["direction"], self.object_radius(obj))
+                if np.linalg.norm(path - paths[0], axis=1).min() >= gap:
                     break
             paths.append(path)
         return paths
@@ -143,7 +172,7 @@ class ShapesDataset(Dataset):
         for obj, path in zip(objects, paths):
             colour = np.asarray(COLORS[COLOR_NAMES[obj["color"]]], dtype=np.float32) * 2 - 1
             for f, (cx, cy) in enumerate(path):
-                mask = shape_mask(SHAPES[obj["shape"]], self._xs - cx, self._ys - cy, self.radius)
+                mask = shape_mask(SHAPES[obj["shape"]], self._xs - cx, self._ys - cy, self.object_radius(obj))
                 video[:, f, mask] = colour[:, None]
         return video
 
@@ -166,9 +195,13 @@ class ShapesDataset(Dataset):
 
 def clip_key(data: dict) -> dict:
     """What the clips of a data config look like: frames, size, max_objects, speed (configs written
-    before `speed` was a setting used the default speed). Judges and checkpoints are tied to it."""
-    return {"frames": data["frames"], "size": data["size"], "max_objects": data["max_objects"],
-            "speed": data.get("speed", DEFAULT_SPEED)}
+    before `speed` was a setting used the default speed), and `object_areas` when set. Checkpoints and
+    evaluations are tied to it."""
+    key = {"frames": data["frames"], "size": data["size"], "max_objects": data["max_objects"],
+           "speed": data.get("speed", DEFAULT_SPEED)}
+    if data.get("object_areas") is not None:
+        key["object_areas"] = [float(a) for a in data["object_areas"]]
+    return key
 
 
 def clip_settings(data: dict) -> dict:
