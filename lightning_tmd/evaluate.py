@@ -26,7 +26,16 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_tmd.data.datamodule import VAL_START
 from lightning_tmd.data.shapes import ShapesDataset, clip_key, clip_settings, stacked
 from lightning_tmd.generators import LoadedGenerator, load_generator
-from lightning_tmd.metrics.judge import JudgeFeatures, ShapesJudgeNet, ensure_judge, judge_accuracy, judge_file_name
+from lightning_tmd.metrics.judge import (
+    JudgeFeatures,
+    ShapesJudgeNet,
+    data_key,
+    ensure_judge,
+    judge_accuracy,
+    judge_file_name,
+    load_judge,
+    shape_confusion,
+)
 from lightning_tmd.metrics.video import (
     fake_distance,
     frechet_video_distance,
@@ -63,9 +72,21 @@ def data_settings(cfg: DictConfig, models: dict[str, LoadedGenerator]) -> dict[s
         raise ValueError("data: give the clip settings {frames, size, max_objects, seed} or at least one model")
     for name, loaded in models.items():
         clip = clip_key(loaded.config["data"])
-        if any(clip[k] != data[k] for k in clip):
+        if clip != {k: v for k, v in data.items() if k != "seed"}:
             raise ValueError(f"models.{name}: trained on clips {clip}, the evaluation uses {data}")
     return data
+
+
+def evaluation_judge(cfg: DictConfig, data: dict, cache_dir: Path) -> tuple[ShapesJudgeNet, dict, Path]:
+    """The judge of `judge.path` as it is, else the cached judge of `judge.variant` and the judge's training
+    settings for these clips (trained first when there is none)."""
+    clips = (data["frames"], data["size"], data["max_objects"], data["speed"])
+    if cfg.judge.path:
+        return *load_judge(cfg.judge.path, data_key(*clips)), Path(cfg.judge.path)
+    path = cache_dir / judge_file_name(data, cfg.judge.variant)
+    judge, info = ensure_judge(path, *clips, variant=cfg.judge.variant, steps=cfg.judge.steps,
+                               batch_size=cfg.judge.batch_size)
+    return judge, info, path
 
 
 def cache_key(*parts: Any) -> str:
@@ -122,10 +143,10 @@ def time_sampling(loaded: LoadedGenerator, sampler: dict, batch_size: int, repea
     return {"latency_s": median / batch_size, "clips_per_s": batch_size / median}
 
 
-def quality(judge: ShapesJudgeNet, fvd, videos: torch.Tensor, labels: dict) -> dict[str, float]:
+def quality(judge: ShapesJudgeNet, fvd, videos: torch.Tensor, labels: dict) -> dict[str, Any]:
     accuracy = judge_accuracy(judge, videos, labels)
     return {"fvd": fake_distance(fvd, videos), "adherence": accuracy.pop("all"), **accuracy,
-            **temporal_consistency(videos)}
+            **temporal_consistency(videos), "shape_confusion": shape_confusion(judge, videos, labels).tolist()}
 
 
 def optional_metrics(cfg: DictConfig, loaded: LoadedGenerator, captions: list[str], videos: torch.Tensor,
@@ -170,9 +191,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     models = {name: load_generator(m.ckpt, cfg.device, ema=m.get("ema", True))
               for name, m in (cfg.models or {}).items()}
     data = data_settings(cfg, models)
-    judge_path = cfg.judge.path or cache_dir / judge_file_name(data)
-    judge, judge_info = ensure_judge(judge_path, **clip_key(data), steps=cfg.judge.steps,
-                                     batch_size=cfg.judge.batch_size)
+    judge, judge_info, judge_path = evaluation_judge(cfg, data, cache_dir)
+    variant = judge_info.get("training", {}).get("variant", "original")
     torch.manual_seed(cfg.seed)
     n = cfg.num_samples
     real = held_out_set(data, n, offset=cfg.seed * 4 * n)
@@ -196,13 +216,15 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
                    **optional_metrics(cfg, loaded, real["captions"], videos, sampler, cache_dir),
                    **time_sampling(loaded, sampler, cfg.latency.batch_size, cfg.latency.repeats)}
             rows.append(row)
-            print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+            print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k != "shape_confusion"})
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     judge_acc = judge_info.get("accuracy", {})
     result = {"rows": rows, "num_samples": n, "seed": cfg.seed, "data": data, "judge": {
-        "path": str(judge_path), "held_out_accuracy": judge_acc}, "latency_batch_size": cfg.latency.batch_size,
+        "path": str(judge_path), "variant": variant, "held_out_accuracy": judge_acc,
+        "held_out_accuracy_random_areas": judge_info.get("accuracy_random_areas")},
+        "latency_batch_size": cfg.latency.batch_size,
         "wall_time_s": time.perf_counter() - started, "threads": torch.get_num_threads()}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     notes = (f"{n} clips per set (held-out prompts, seed {cfg.seed}); FVD-shapes = Fréchet distance of the shapes "
@@ -211,7 +233,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
              f"captioned object; adherence / direction k obj = the same over the prompts with k objects; same "
              f"shape / dir. 2 obj = of the two-object prompts whose objects differ in it, the share where the "
              f"judge reads both objects alike (one object's words bound to both). "
-             f"Judge held-out accuracy: "
+             f"Judge: {variant} (`judge.variant`); held-out accuracy: "
              + ", ".join(f"{k} {v:.3f}" for k, v in judge_acc.items())
              + f". Latency: median of {cfg.latency.repeats} runs at batch {cfg.latency.batch_size}, "
              f"{torch.get_num_threads()} CPU threads. Wall time {result['wall_time_s']:.0f} s.")

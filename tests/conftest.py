@@ -72,3 +72,15 @@ def tiny_judge(tmp_path_factory):
     net, accuracy = train_judge(path, frames=4, size=16, max_objects=2, steps=1500, batch_size=32, num_val=256,
                                 width=16, num_features=64)
     return path, net, accuracy
+
+
+@pytest.fixture(scope="session")
+def tiny_outline_judge(tmp_path_factory):
+    """The outline judge variant (clips of random object areas) for one-object smoke clips, trained once per session
+    (at 16 x 16 an outline is a few pixels: it takes ~3 000 steps to read them, against ~1 500 for size)."""
+    from lightning_tmd.metrics.judge import train_judge
+
+    path = tmp_path_factory.mktemp("outline_judge") / "judge.pt"
+    net, accuracy = train_judge(path, frames=4, size=16, max_objects=1, steps=3000, batch_size=32, num_val=256,
+                                width=16, num_features=64, variant="outline")
+    return path, net, accuracy

@@ -11,6 +11,7 @@ from lightning_tmd.metrics.judge import (
     load_judge,
     per_color_targets,
     read_alike,
+    shape_confusion,
 )
 from lightning_tmd.metrics.video import (
     fake_distance,
@@ -184,3 +185,24 @@ def test_lpips_diversity_with_backbone_weights_from_a_file(tmp_path):
     assert same == pytest.approx(0.0, abs=1e-6) and different > 0
     with pytest.raises(FileNotFoundError, match="lpips.weights"):
         LPIPSDiversity(None)
+
+
+def test_outline_judge_reads_shapes_where_every_object_has_one_area(tiny_judge, tiny_outline_judge):
+    """At one common area size says nothing about shape: the outline judge still reads shapes well above chance
+    (1/3); each judge records its variant and refuses to stand in for the other."""
+    path, net, _ = tiny_outline_judge
+    batch = stacked(ShapesDataset(300, start=1 << 41, frames=4, size=16, max_objects=1, object_areas=(0.8, 0.8)))
+    confusion = shape_confusion(net, batch["videos"], batch["labels"])
+    assert confusion.sum() == 300 and confusion.shape == (3, 3)
+    assert confusion.diag().sum() / 300 > 0.5
+    saved = torch.load(path, weights_only=True)
+    assert saved["training"]["variant"] == "outline" and "shape" in saved["accuracy_random_areas"]
+    with pytest.raises(ValueError, match="variant"):
+        load_judge(path, training={"variant": "original"})
+    load_judge(tiny_judge[0], training={"variant": "original", "steps": 1500})
+    with pytest.raises(ValueError, match="steps"):
+        load_judge(tiny_judge[0], training={"variant": "original", "steps": 5000})
+    assert judge_file_name({"frames": 8, "size": 32, "max_objects": 2, "speed": 0.09}, "outline") == (
+        "judge_8x32_o2_v0.09_outline.pt")
+    with pytest.raises(ValueError, match="judge.variant"):
+        judge_file_name({"frames": 8, "size": 32, "max_objects": 2, "speed": 0.09}, "sizes")

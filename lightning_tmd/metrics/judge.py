@@ -4,6 +4,11 @@ attribute back from pixels.
 Colours within a clip are distinct, so the judge predicts per colour: is an object of this colour
 present, and if so its shape and direction; plus the object count. Its penultimate features
 (`num_features` wide) feed the Fréchet video distance (FVD-shapes).
+
+Two variants differ in the clips they are trained on (`JUDGE_VARIANTS`). In the default shapes data one
+radius serves every shape, so an object's area gives its shape away and a judge trained on those clips
+alone (`original`) may read shape from size. The `outline` judge trains on clips whose objects have random
+areas (`ShapesDataset(object_areas=...)`), so only the outline tells the shapes apart.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from torch import nn
 from lightning_tmd.data.shapes import COLOR_NAMES, DEFAULT_SPEED, DIRECTION_NAMES, SHAPES
 
 NUM_COLORS, NUM_SHAPES, NUM_DIRECTIONS = len(COLOR_NAMES), len(SHAPES), len(DIRECTION_NAMES)
+# judge variant -> the object areas of its training clips (units of the default circle's area; None: the
+# default clips, where circles, squares and triangles cover 1.0, 0.92 and 0.57 of it)
+JUDGE_VARIANTS: dict[str, tuple[float, float] | None] = {"original": None, "outline": (0.4, 1.3)}
 
 
 def conv_block(c_in: int, c_out: int, stride: tuple[int, int, int]) -> nn.Sequential:
@@ -106,6 +114,7 @@ class Judgement:
     shape: torch.Tensor  # every captioned object (by colour) has the captioned shape
     direction: torch.Tensor  # ... and the captioned direction
     objects: dict[str, torch.Tensor]  # per captioned object: (N_objects,) bool for each attribute
+    shapes: torch.Tensor  # per captioned object: (N_objects, 2) captioned and read shape index
     same: dict[str, torch.Tensor]  # shape / direction: (B,) 1 when both objects read alike, NaN if not applicable
 
     @property
@@ -137,6 +146,7 @@ def judge(net: ShapesJudgeNet, video: torch.Tensor, labels: dict[str, torch.Tens
             "shape": shape_ok[captioned],
             "direction": direction_ok[captioned],
         },
+        shapes=torch.stack([target["shape"][captioned], shape[captioned]], dim=1),
         same={"shape": read_alike(shape, target["shape"], captioned),
               "direction": read_alike(direction, target["direction"], captioned)},
     )
@@ -178,18 +188,22 @@ class JudgeModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def save_judge(net: ShapesJudgeNet, path: str | Path, data: dict, accuracy: dict[str, float]) -> Path:
-    """Cache the judge with the data settings it was trained on and its held-out accuracy."""
+def save_judge(net: ShapesJudgeNet, path: str | Path, data: dict, accuracy: dict[str, float],
+               training: dict[str, Any] | None = None, **extra: Any) -> Path:
+    """Cache the judge with the clip settings and training settings it was made with and its held-out
+    accuracy (`extra`: further entries, e.g. the accuracy on clips of random object areas)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": net.state_dict(), "config": {"width": net.body[0][0].out_channels,
                 "num_features": net.num_features, "max_objects": net.count.out_features},
-                "data": data, "accuracy": accuracy}, path)
+                "data": data, "training": training or {}, "accuracy": accuracy, **extra}, path)
     return path
 
 
-def load_judge(path: str | Path, data: dict | None = None) -> tuple[ShapesJudgeNet, dict]:
-    """Load a cached judge; with `data`, check it was trained on clips of the same settings."""
+def load_judge(path: str | Path, data: dict | None = None,
+               training: dict[str, Any] | None = None) -> tuple[ShapesJudgeNet, dict]:
+    """Load a cached judge; with `data` (clip settings) and `training` (variant, steps, batch size),
+    check it was made with the same ones. Judges cached before the variants existed are `original`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"judge.path: no cached judge at '{path}': `python -m lightning_tmd.evaluate` "
@@ -201,6 +215,12 @@ def load_judge(path: str | Path, data: dict | None = None) -> tuple[ShapesJudgeN
         if mismatched:
             raise ValueError(f"judge.path: '{path}' was trained on other clips {mismatched} (cached, wanted): "
                              "retrain it for these data settings")
+    if training is not None:
+        cached = {"variant": "original", **saved.get("training", {})}
+        mismatched = {k: (cached[k], v) for k, v in training.items() if k in cached and cached[k] != v}
+        if mismatched:
+            raise ValueError(f"judge: '{path}' was trained with other settings {mismatched} (cached, wanted): set "
+                             "judge.path to another file (or delete this one) to train a judge with these")
     net = ShapesJudgeNet(**saved["config"])
     net.load_state_dict(saved["state_dict"])
     return net.eval().requires_grad_(False), saved
@@ -211,10 +231,19 @@ def data_key(frames: int, size: int, max_objects: int, speed: float = DEFAULT_SP
     return {"frames": frames, "size": size, "max_objects": max_objects, "speed": speed}
 
 
-def judge_file_name(data: dict) -> str:
-    """judge_<frames>x<size>_o<max_objects>.pt, with _v<speed> when the speed is not the default."""
+def judge_file_name(data: dict, variant: str = "original") -> str:
+    """judge_<frames>x<size>_o<max_objects>.pt, with _v<speed> when the speed is not the default and
+    _<variant> for a variant other than `original`."""
     speed = "" if data["speed"] == DEFAULT_SPEED else f"_v{data['speed']:g}"
-    return f"judge_{data['frames']}x{data['size']}_o{data['max_objects']}{speed}.pt"
+    suffix = "" if variant == "original" else f"_{check_variant(variant)}"
+    return f"judge_{data['frames']}x{data['size']}_o{data['max_objects']}{speed}{suffix}.pt"
+
+
+def check_variant(variant: str) -> str:
+    if variant not in JUDGE_VARIANTS:
+        raise ValueError(f"judge.variant='{variant}' is unknown: use one of {tuple(JUDGE_VARIANTS)} (outline: "
+                         "trained on clips of random object areas; original: on the default clips)")
+    return variant
 
 
 @torch.no_grad()
@@ -248,35 +277,56 @@ def judge_accuracy(net: ShapesJudgeNet, videos: torch.Tensor, labels: dict[str, 
     }
 
 
+@torch.no_grad()
+def shape_confusion(net: ShapesJudgeNet, videos: torch.Tensor, labels: dict[str, torch.Tensor],
+                    batch_size: int = 64) -> torch.Tensor:
+    """(3, 3) counts over captioned objects: row = captioned shape, column = the shape the judge reads."""
+    pairs = torch.cat([judge(net, videos[i : i + batch_size], {k: v[i : i + batch_size] for k, v in labels.items()})
+                       .shapes for i in range(0, len(videos), batch_size)])
+    return torch.bincount(pairs[:, 0] * NUM_SHAPES + pairs[:, 1], minlength=NUM_SHAPES**2).view(NUM_SHAPES, NUM_SHAPES)
+
+
 def train_judge(path: str | Path, frames: int = 8, size: int = 32, max_objects: int = 2,
                 speed: float = DEFAULT_SPEED, steps: int = 5000, batch_size: int = 32, num_val: int = 1024,
-                seed: int = 0, width: int = 32, num_features: int = 128) -> tuple[ShapesJudgeNet, dict[str, float]]:
-    """Train a judge on the shapes train split, measure it on held-out val clips, cache it at `path`."""
+                seed: int = 0, width: int = 32, num_features: int = 128,
+                variant: str = "original") -> tuple[ShapesJudgeNet, dict[str, float]]:
+    """Train a judge of `variant` on the shapes train split, measure it on held-out val clips (the default
+    clips, and clips of random object areas), cache it at `path`."""
     from lightning_tmd.data.datamodule import ShapesDataModule
     from lightning_tmd.data.shapes import ShapesDataset, stacked
 
+    areas = JUDGE_VARIANTS[check_variant(variant)]
     L.seed_everything(seed)
     datamodule = ShapesDataModule(None, frames=frames, size=size, max_objects=max_objects, speed=speed,
-                                  batch_size=batch_size, num_val=256, seed=seed)
+                                  batch_size=batch_size, num_val=256, seed=seed, object_areas=areas)
     module = JudgeModule(width, num_features, max_objects)
     trainer = L.Trainer(max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
                         val_check_interval=min(500, steps), check_val_every_n_epoch=None, num_sanity_val_steps=0,
                         enable_model_summary=False, accelerator="cpu", devices=1)
     trainer.fit(module, datamodule=datamodule)
-    # held out: validation clips the judge never saw, past the ones used for the validation curve
-    held_out = stacked(ShapesDataset(num_val, start=datamodule.val_set.start + 10_000, seed=seed, frames=frames,
-                                     size=size, max_objects=max_objects, speed=speed))
+    # held out: validation clips the judge never saw, past the ones used for the validation curve; the
+    # default clips, and the same prompts with random object areas (where size says nothing of shape)
     net = module.net.eval().requires_grad_(False)
-    accuracy = judge_accuracy(net, held_out["videos"], held_out["labels"])
-    save_judge(net, path, data_key(frames, size, max_objects, speed), accuracy)
-    return net, accuracy
+    accuracy = {}
+    for name, object_areas in (("accuracy", None), ("accuracy_random_areas", JUDGE_VARIANTS["outline"])):
+        held_out = stacked(ShapesDataset(num_val, start=datamodule.val_set.start + 10_000, seed=seed, frames=frames,
+                                         size=size, max_objects=max_objects, speed=speed, object_areas=object_areas))
+        accuracy[name] = judge_accuracy(net, held_out["videos"], held_out["labels"])
+    training = {"variant": variant, "steps": steps, "batch_size": batch_size}
+    save_judge(net, path, data_key(frames, size, max_objects, speed), accuracy["accuracy"], training,
+               accuracy_random_areas=accuracy["accuracy_random_areas"])
+    return net, accuracy["accuracy"]
 
 
 def ensure_judge(path: str | Path, frames: int, size: int, max_objects: int, speed: float = DEFAULT_SPEED,
+                 variant: str = "original", steps: int = 5000, batch_size: int = 32,
                  **train_kwargs: Any) -> tuple[ShapesJudgeNet, dict]:
-    """The cached judge for these clip settings, trained first if there is none."""
+    """The cached judge for these clip and training settings, trained first if there is none."""
     key = data_key(frames, size, max_objects, speed)
+    training = {"variant": check_variant(variant), "steps": steps, "batch_size": batch_size}
     if not Path(path).is_file():
-        net, accuracy = train_judge(path, frames, size, max_objects, speed, **train_kwargs)
-        return net, {"accuracy": accuracy, "data": key}
-    return load_judge(path, key)
+        print(f"Training the shapes judge ({variant}, {steps} steps of batch {batch_size}; about 8 minutes on 2 CPU "
+              f"cores at 8 x 32 x 32) once; it is cached at {path}")
+        train_judge(path, frames, size, max_objects, speed, steps=steps, batch_size=batch_size, variant=variant,
+                    **train_kwargs)
+    return load_judge(path, key, training)
