@@ -76,3 +76,35 @@ def test_critic_starts_as_the_teacher_and_learns_to_denoise(smoke_checkpoint):
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-3:]) < 0.8 * sum(losses[:3])
+
+
+def test_discriminator_heads_stay_informative_at_small_feature_sizes():
+    """Smoke-size features (2 channels on 4 x 16 x 16) used to shrink to one voxel, where GroupNorm outputs zero
+    and every input got the same logit."""
+    from lightning_tmd.nets.discriminator import Conv3DHead
+
+    torch.manual_seed(0)
+    head = Conv3DHead(2, (8, 16, 16), mlp_width=8)
+    features = torch.randn(6, 2, 4, 16, 16)
+    assert head.convs(features).shape[2:] == (2, 2, 2)
+    logits = head(features)
+    assert logits.std() > 1e-3 and len(set(logits.tolist())) == 6
+    wan_size = torch.randn(1, 2, 21, 60, 104)  # Wan2.1's latent grid: every stride applies
+    assert head.convs(wan_size).shape[2:] == (3, 4, 7)
+
+
+def test_a_few_discriminator_steps_separate_real_from_fake_features():
+    torch.manual_seed(0)
+    disc = Discriminator([1, 2], in_channels=2, widths=(8, 16, 16), mlp_width=8)
+    optimizer = torch.optim.Adam(disc.parameters(), lr=3e-3)
+    real = [torch.randn(8, 2, 4, 16, 16) for _ in range(2)]
+    fake = [0.5 * torch.randn(8, 2, 4, 16, 16) + 0.3 for _ in range(2)]
+    for _ in range(30):
+        loss = discriminator_loss(disc(real), disc(fake))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    real_new, fake_new = [torch.randn(8, 2, 4, 16, 16)] * 2, [0.5 * torch.randn(8, 2, 4, 16, 16) + 0.3] * 2
+    with torch.no_grad():
+        accuracy = ((disc(real_new) > 0).float().mean() + (disc(fake_new) < 0).float().mean()) / 2
+    assert accuracy > 0.9
