@@ -40,8 +40,8 @@ GiB = 2**30
 LATENT, TEXT_TOKENS = (16, 21, 60, 104), 512
 CARD_GIB = 79.6  # what an 80 GB H100 reports (81 559 MiB; an 80 GB A100: 81 920 MiB)
 MODELS = {  # config, discriminator feature blocks, its target size (METHOD §7), inner steps N
-    "Wan2.1 1.3B": (WAN21_T2V_1_3B, (15, 22, 29), 68e6, 2),
-    "Wan2.1 14B": (WAN21_T2V_14B, (19, 29, 39), 172e6, 4),
+    "Wan2.1 1.3B": (WAN21_T2V_1_3B, (16, 23, 30), 68e6, 2),
+    "Wan2.1 14B": (WAN21_T2V_14B, (20, 30, 40), 172e6, 4),
 }
 STAGES = {"stage 1 TM-MF": ("tm", "tmd"), "stage 2 TMD": ("dmd", "tmd"), "stage 2 DMD2-v": ("dmd", "one_pass")}
 HEAD_BLOCKS = 5

@@ -1,6 +1,6 @@
 """Per-GPU memory of TMD training (stage 1 and stage 2) on one GPU, under DDP or under FSDP2.
 
-    stage = Stage("dmd", student="tmd", head_blocks=5, inner_steps=2, disc_blocks=(15, 22, 29))
+    stage = Stage("dmd", student="tmd", head_blocks=5, inner_steps=2, disc_blocks=(16, 23, 30))
     roles = count_roles(build_stage(WAN21_T2V_1_3B, stage, device="meta"))   # parameters per role
     profile = activation_profile(WAN21_T2V_1_3B, latent=(16, 21, 60, 104), text_tokens=512)
     peak = estimate(roles, profile, stage_updates(stage, 30), Setup("fsdp", gpus=8), checkpoint=True)
@@ -52,7 +52,7 @@ class Stage:
     student: str = "tmd"
     head_blocks: int = 5
     inner_steps: int = 2
-    disc_blocks: tuple[int, ...] = (15, 22, 29)
+    disc_blocks: tuple[int, ...] = (16, 23, 30)
     disc_widths: tuple[int, int, int] = (256, 512, 512)
     disc_mlp_width: int = 256
     ema: bool = False
@@ -133,14 +133,16 @@ class Setup:
         return self.gpus if self.strategy == "fsdp" else 1
 
 
-def state_bytes(roles: list[Role], setup: Setup) -> dict[str, float]:
-    """Per-GPU weights, gradients, optimizer states (AdamW moments and step counters) and DDP buckets."""
+def state_bytes(roles: list[Role], setup: Setup, held_gradients: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Per-GPU weights, gradients, optimizer states (AdamW moments and step counters) and DDP buckets.
+    Gradients are counted for the trained roles in `held_gradients` (None: every trained role); stage 2
+    frees a role's gradients after its step, so only the updating roles hold them."""
     n = setup.shards
     out = {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "ddp_buckets": 0.0}
     for r in roles:
         if r.kind == "trained":
             out["weights"] += FP32 * r.params / n
-            out["gradients"] += FP32 * r.params / n
+            out["gradients"] += FP32 * r.params / n if held_gradients is None or r.name in held_gradients else 0.0
             out["optimizer"] += ADAM * r.params / n + FP32 * r.tensors
             out["ddp_buckets"] += FP32 * r.params if setup.strategy == "ddp" else 0.0
         else:
@@ -353,10 +355,10 @@ def estimate(roles: list[Role], profile: ActivationProfile, updates: list[Update
              checkpoint: bool = False) -> Estimate:
     """The peak over the stage's updates (foreach AdamW allocates one fp32 temporary per trained
     element of the optimizer that steps, after the activations are freed)."""
-    states = sum(state_bytes(roles, setup).values())
     by_name = {r.name: r for r in roles}
     estimates = [
-        Estimate(u.name, states, working_weight_bytes(roles, u, setup), activation_bytes(profile, u, batch, checkpoint),
+        Estimate(u.name, sum(state_bytes(roles, setup, u.trained).values()), working_weight_bytes(roles, u, setup),
+                 activation_bytes(profile, u, batch, checkpoint),
                  FP32 * sum(by_name[n].params for n in u.trained) / setup.shards)
         for u in updates
     ]

@@ -345,7 +345,7 @@ def test_wan_experiments_compose_the_paper_settings(tmp_path):
     small = compose_train(["experiment=wan_tmd", "model.path=/wan", "data.path=/shards",
                            "stage.module.student_ckpt=s.ckpt"], tmp_path)
     assert small.stage.module.student.head_blocks == 5 and small.stage.module.student.inner_steps == 2
-    assert list(small.stage.module.discriminator.blocks) == [15, 22, 29]
+    assert list(small.stage.module.discriminator.blocks) == [16, 23, 30]  # the paper's 0-based 15, 22, 29
     assert small.stage.module.lr_student == small.stage.module.lr_critic == 1e-5
     assert small.trainer.strategy._target_.endswith("DDPStrategy") and small.trainer.max_steps == 4000
     large = compose_train(["experiment=wan_tmd_stage1", "model=wan2.1_t2v_14b", "strategy=fsdp", "model.path=/wan",
@@ -354,7 +354,7 @@ def test_wan_experiments_compose_the_paper_settings(tmp_path):
     assert large.stage.module.lr == 1e-5 and large.trainer.strategy._target_.endswith("FSDP2Strategy")
     dmd2v = compose_train(["experiment=wan_dmd2v", "model=wan2.1_t2v_14b", "model.path=/wan", "data.path=/s"], tmp_path)
     assert dmd2v.stage.module.student.kind == "one_pass"
-    assert list(dmd2v.stage.module.discriminator.blocks) == [19, 29, 39]
+    assert list(dmd2v.stage.module.discriminator.blocks) == [20, 30, 40]
 
 
 def test_wan_folder_errors_name_the_field_and_the_missing_file(tmp_path):

@@ -52,7 +52,9 @@ def test_stage1_state_bytes_equal_the_live_tensors_after_one_step():
 
 @pytest.mark.parametrize("student", ["tmd", "one_pass"])
 def test_stage2_state_bytes_equal_the_live_tensors_after_a_student_and_a_critic_step(student):
-    """Iteration 0 updates the student, iteration 1 critic + discriminator; every role's gradients stay."""
+    """Iteration 0 updates the student, iteration 1 critic + discriminator; each role's gradients are freed
+    after its step, so the states an update holds are every role's weights and optimizer states and its own
+    gradients."""
     module = build_stage(TINY_WAN, Stage("dmd", student, **TINY_STAGE2), device="cpu")
     data = [{k: v[0] for k, v in batch(1).items()} for _ in range(4)]
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
@@ -62,9 +64,12 @@ def test_stage2_state_bytes_equal_the_live_tensors_after_a_student_and_a_critic_
     roles = count_roles(module)
     assert [(r.name, r.kind) for r in roles] == [("student", "trained"), ("critic", "trained"),
                                                  ("discriminator", "trained"), ("teacher", "frozen")]
-    states = state_bytes(roles, Setup("single", frozen_bytes=4))  # the tiny modules are all fp32
-    assert states["ddp_buckets"] == 0
+    states = state_bytes(roles, Setup("single", frozen_bytes=4), held_gradients=())  # the tiny modules are all fp32
+    assert states["ddp_buckets"] == 0 and states["gradients"] == 0
+    assert all(p.grad is None for p in module.parameters())
     assert sum(states.values()) == live_state_bytes(module, trainer.optimizers)
+    student_update = state_bytes(roles, Setup("single", frozen_bytes=4), held_gradients=("student",))
+    assert student_update["gradients"] == 4 * roles[0].params
 
 
 def wan_parameters(c: dict) -> int:
