@@ -28,11 +28,13 @@ class Recorder(L.Callback):
 
     def __init__(self) -> None:
         self.steps: list[tuple[int, str, float]] = []
+        self.outputs: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         kind = "student" if "vsd" in outputs else "critic"
         loss = outputs["student_loss" if kind == "student" else "critic_loss"]
         self.steps.append((pl_module.iteration, kind, float(loss)))
+        self.outputs.append({k: float(v) for k, v in outputs.items()})
 
 
 def dmd_cfg(tmp_path: Path, teacher: Path, student: Path | None, *overrides: str):
@@ -64,6 +66,10 @@ def test_schedule_checkpoint_and_exact_resume(smoke_checkpoint, smoke_student_ch
     assert int(next(iter(student_opt.state.values()))["step"]) == 3  # iterations 0, 5, 10
     assert int(next(iter(critic_opt.state.values()))["step"]) == 9
     assert all(p.grad is None and not p.requires_grad for p in module.teacher.parameters())
+    # the discriminator tells real from fake features even at the smoke sizes (it once gave one logit for all)
+    critic_steps = [o for o in full.outputs if "d_real_logit" in o]
+    assert all(abs(o["d_real_logit"] - o["d_fake_logit"]) > 1e-6 for o in critic_steps)
+    assert all(p.grad is None for p in module.student.net.parameters())  # freed after the student's step
 
     checkpoint = torch.load(tmp_path / "full" / "checkpoints" / "step_0000005.ckpt", weights_only=False)
     assert checkpoint["dmd_iteration"] == 5
@@ -198,7 +204,8 @@ def test_kd_warmup_generates_caches_and_regresses_teacher_pairs(smoke_checkpoint
     datamodule = instantiate(cfg.data)
     context = datamodule.prompts(pairs["captions"][:2]).states
     negative = datamodule.prompts.negative(2).states
-    expected, _ = teacher.sample(context, negative, noise=pairs["noise"][:2], steps=2, guidance_scale=5.0, shift=3.0)
+    assert teacher.hparams.guidance_scale == 4.0  # data.guidance_scale=null: the CFG the teacher samples with
+    expected, _ = teacher.sample(context, negative, noise=pairs["noise"][:2], steps=2, guidance_scale=4.0, shift=3.0)
     torch.testing.assert_close(pairs["video"][:2], expected, atol=1e-5, rtol=1e-4)
     stamp = cache.stat().st_mtime_ns
     datamodule.setup("fit")  # the cache is reused, not regenerated
@@ -211,6 +218,7 @@ def test_kd_warmup_generates_caches_and_regresses_teacher_pairs(smoke_checkpoint
         (["stage.module.student_ckpt=/no/such.ckpt"], FileNotFoundError, "student_ckpt"),
         (["stage.module.teacher_ckpt=null"], ValueError, "teacher_ckpt is null"),
         (["stage.module.student.inner_steps=4"], ValueError, "inner_steps=4"),
+        (["stage.module.student.outer_shift=3.0"], ValueError, "outer_shift=3.0 but stage.module.student_ckpt"),
         (["stage.module.discriminator.blocks=[1,3]"], ValueError, "discriminator.blocks"),
         (["stage/student@stage.module.student=one_pass", "~stage.module.student.head_blocks"], ValueError,
          "holds a tmd student"),
@@ -222,3 +230,26 @@ def test_bad_stage2_config_fails_before_training(smoke_checkpoint, smoke_student
     cfg = dmd_cfg(tmp_path, smoke_checkpoint, smoke_student_checkpoint, *overrides)
     with pytest.raises(error, match=message):
         train(cfg)
+
+
+def test_real_score_guidance_is_the_teachers_sampling_cfg_unless_set(smoke_checkpoint, smoke_student_checkpoint,
+                                                                     tmp_path, monkeypatch):
+    scales = []
+    guided = TeacherModule.guided_velocity
+
+    def recording(self, x_t, t, context, negative_context, scale, net=None):
+        scales.append(scale)
+        return guided(self, x_t, t, context, negative_context, scale, net)
+
+    monkeypatch.setattr(TeacherModule, "guided_velocity", recording)
+    teacher_cfg = TeacherModule.load_from_checkpoint(smoke_checkpoint).hparams.guidance_scale
+    for name, overrides, expected in (("default", [], teacher_cfg), ("set", ["stage.module.guidance_scale=1.5"], 1.5)):
+        scales.clear()
+        train(dmd_cfg(tmp_path / name, smoke_checkpoint, smoke_student_checkpoint, "trainer.max_steps=1",
+                      "callbacks.checkpoint.every_n_train_steps=1", *overrides))
+        assert scales == [expected]
+        saved = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)
+        assert saved["real_guidance"] == expected
+    assert teacher_cfg == 4.0
+    with pytest.raises(ValueError, match="guidance_scale=0"):
+        tiny_dmd(guidance_scale=0.0)

@@ -37,14 +37,15 @@ class TeacherPairsDataModule(ShapesDataModule):
     Args:
         teacher_ckpt: the TeacherModule checkpoint that generates the pairs.
         num_pairs, num_val_pairs: pairs to train on and to validate on.
-        steps, guidance_scale, shift: the teacher's Euler sampler (CFG with the negative prompt).
+        steps, guidance_scale, shift: the teacher's Euler sampler (CFG with the negative prompt; guidance_scale
+            None: the CFG the teacher checkpoint samples with).
         generate_batch_size: clips per teacher call while generating.
         cache_dir: where the pairs file goes; its name is a hash of the teacher file and the settings.
         Other arguments: as `ShapesDataModule`.
     """
 
     def __init__(self, teacher_ckpt: str, num_pairs: int = 512, num_val_pairs: int = 32, steps: int = 25,
-                 guidance_scale: float = 5.0, shift: float = 3.0, generate_batch_size: int = 32,
+                 guidance_scale: float | None = None, shift: float = 3.0, generate_batch_size: int = 32,
                  cache_dir: str = ".cache/lightning_tmd/teacher_pairs", **shapes: Any) -> None:
         super().__init__(**shapes)
         self.teacher_ckpt = teacher_ckpt
@@ -60,6 +61,11 @@ class TeacherPairsDataModule(ShapesDataModule):
         if not teacher.is_file():
             raise FileNotFoundError(f"data.teacher_ckpt: no teacher checkpoint at '{teacher}'. Train it first: "
                                     "python -m lightning_tmd.train stage=teacher experiment=shapes_teacher")
+        if self.sampler["guidance_scale"] is None:
+            from lightning_tmd.modules.teacher import sampling_guidance
+
+            checkpoint = torch.load(teacher, map_location="cpu", weights_only=False)
+            self.sampler["guidance_scale"] = sampling_guidance(checkpoint, 5.0)
         stat = teacher.stat()
         key = {"teacher": [str(teacher.resolve()), stat.st_size, stat.st_mtime_ns], "sampler": self.sampler,
                "pairs": [self.num_pairs, self.num_val_pairs], "clip": self.clip_shape, "seed": self.seed,

@@ -24,7 +24,7 @@ from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.modules.critic import CriticModule
 from lightning_tmd.modules.one_pass import OnePassStudent
 from lightning_tmd.modules.student import StudentModule
-from lightning_tmd.modules.teacher import TeacherModule, sampling_state_dict
+from lightning_tmd.modules.teacher import TeacherModule, sampling_guidance, sampling_state_dict, sampling_weights
 from lightning_tmd.nets.discriminator import Discriminator
 from lightning_tmd.nets.wan import wan_timestep
 from lightning_tmd.parallel import full_value, shard_for_strategy
@@ -32,6 +32,7 @@ from lightning_tmd.schedules import broadcast_time, interpolate
 
 STUDENTS: dict[str, type[GeneratorModule]] = {"tmd": StudentModule, "one_pass": OnePassStudent}
 TEACHER_PREFIX = "teacher."
+PAPER_GUIDANCE = 5.0  # the real score's CFG for Wan2.1 (paper, Table 7)
 
 
 class DMDModule(L.LightningModule):
@@ -49,7 +50,9 @@ class DMDModule(L.LightningModule):
         discriminator: {"blocks": 1-based teacher blocks, "widths": (c2, c3, c4), "mlp_width"}.
         student_every: the student updates on iterations k % student_every == 0, the critic and the
             discriminator on the others (paper: 5, i.e. 4 critic updates per student update).
-        guidance_scale: the teacher's CFG in the VSD direction. gan_weight: lambda. t_shift: gamma of t_dmd.
+        guidance_scale: the teacher's CFG in the VSD direction; None: the CFG the teacher checkpoint samples
+            with (its `guidance_scale`), or the paper's 5 for a teacher from `model.path`. The VSD target is
+            then the distribution the teacher's own sampler draws. gan_weight: lambda. t_shift: gamma of t_dmd.
         rollout: TMD only; False trains with one head call over [t_max, 0] (METHOD Q6 ablation).
         backward_simulation: build the student's input x_{t_i} by running the student (no grad) from
             noise instead of noising data (DMD2); the GAN's real branch still reads the batch.
@@ -67,7 +70,7 @@ class DMDModule(L.LightningModule):
 
     def __init__(self, model: dict[str, Any], student: dict[str, Any], teacher_ckpt: str | None = None,
                  student_ckpt: str | None = None, discriminator: dict[str, Any] | None = None,
-                 student_every: int = 5, guidance_scale: float = 5.0, gan_weight: float = 0.03,
+                 student_every: int = 5, guidance_scale: float | None = None, gan_weight: float = 0.03,
                  t_shift: float = 5.0, rollout: bool = True, backward_simulation: bool = False,
                  lr_student: float = 1e-5, lr_critic: float = 1e-5, lr_discriminator: float = 1e-5,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01, adam_eps: float = 1e-8,
@@ -80,6 +83,9 @@ class DMDModule(L.LightningModule):
             raise ValueError(f"stage.module.student.kind '{kind}' is unknown: use one of {tuple(STUDENTS)}")
         if student_every < 2:
             raise ValueError(f"stage.module.student_every={student_every}: use >= 2 so the critic updates too")
+        if guidance_scale is not None and guidance_scale <= 0:
+            raise ValueError(f"stage.module.guidance_scale={guidance_scale}: give a positive CFG scale (1: no "
+                             "guidance), or null for the teacher's own sampling CFG")
         self.save_hyperparameters()
         self.student = STUDENTS[kind](model=model, **student_args)
         self.critic = CriticModule(model, t_shift=t_shift)
@@ -87,6 +93,8 @@ class DMDModule(L.LightningModule):
         settings = dict(discriminator or {"blocks": [net.num_blocks]})
         self.discriminator = Discriminator(in_channels=net.inner_dim // math.prod(net.patch_size), **settings)
         self.teacher: TeacherModule | None = None  # built for fitting only (`configure_model`)
+        # the real score's CFG; with a teacher checkpoint and no explicit scale, read from it in `configure_model`
+        self.real_guidance = guidance_scale if guidance_scale is not None or teacher_ckpt else PAPER_GUIDANCE
         self.iteration = 0  # own counter: decides who updates; checkpointed
         self._times: dict[str, list[torch.Tensor]] = {"t_dmd": [], "t_student": []}
 
@@ -117,7 +125,10 @@ class DMDModule(L.LightningModule):
         own checkpoint)."""
         hp = self.hparams
         teacher = TeacherModule(hp.model, ema_decay=None)
-        teacher_weights = sampling_state_dict(hp.teacher_ckpt) if hp.teacher_ckpt else None
+        checkpoint = torch.load(hp.teacher_ckpt, map_location="cpu", weights_only=False) if hp.teacher_ckpt else {}
+        teacher_weights = sampling_weights(checkpoint["state_dict"]) if checkpoint else None
+        if hp.guidance_scale is None:
+            self.real_guidance = sampling_guidance(checkpoint, PAPER_GUIDANCE)
         if teacher_weights is not None:  # else model.path's weights are already in all three
             teacher.net.load_state_dict(teacher_weights)
             self.critic.net.load_state_dict(teacher_weights)
@@ -145,6 +156,9 @@ class DMDModule(L.LightningModule):
             {"params": list(self.discriminator.parameters()), "lr": hp.lr_discriminator, "name": "discriminator"},
         ], **kwargs)
         return [student, critic]
+
+    def on_train_start(self) -> None:
+        self.log("train/real_guidance", float(self.real_guidance), rank_zero_only=True)
 
     def on_fit_start(self) -> None:
         if "16" in str(self.trainer.precision) and "bf16" not in str(self.trainer.precision):
@@ -174,6 +188,7 @@ class DMDModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dmd_iteration"] = self.iteration
+        checkpoint["real_guidance"] = self.real_guidance
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.iteration = int(checkpoint.get("dmd_iteration", 0))
@@ -213,7 +228,7 @@ class DMDModule(L.LightningModule):
                    negative_context: torch.Tensor) -> torch.Tensor:
         """The real score's x0 with CFG (one batched forward), without grad."""
         with torch.no_grad():
-            v = self.teacher.guided_velocity(x_t, t, context, negative_context, self.hparams.guidance_scale)
+            v = self.teacher.guided_velocity(x_t, t, context, negative_context, self.real_guidance)
             return x_t - broadcast_time(t, x_t) * v
 
     def discriminate(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -231,6 +246,7 @@ class DMDModule(L.LightningModule):
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
             norms[group["name"]] = full_value(norm)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # free this role's gradients while the other roles train
         return norms
 
     # -- the two updates -----------------------------------------------------------------------------
@@ -250,9 +266,11 @@ class DMDModule(L.LightningModule):
             vsd = vsd_loss_along(x_hat, direction)
             loss, out = vsd, {"vsd": vsd.detach()}
             if hp.gan_weight > 0:
-                gan = generator_gan_loss(self.discriminate(x_hat_t, t, context))
+                logits = self.discriminate(x_hat_t, t, context)
+                gan = generator_gan_loss(logits)
                 loss = loss + hp.gan_weight * gan
                 out["gan_generator"] = gan.detach()
+                out["d_fake_logit_student_step"] = logits.detach().mean()
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             norms = self.clip_and_step(optimizer)
@@ -281,10 +299,11 @@ class DMDModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             norms = self.clip_and_step(optimizer)
-        accuracy = ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2
+        real_right, fake_right = (real_logits > 0).float().mean(), (fake_logits < 0).float().mean()
         return {"fake_score_loss": fake_score.detach(), "discriminator_loss": disc.detach(),
                 "d_real_logit": real_logits.detach().mean(), "d_fake_logit": fake_logits.detach().mean(),
-                "d_accuracy": accuracy, "grad_norm_fake_score": norms["fake_score"],
+                "d_accuracy": (real_right + fake_right) / 2, "d_accuracy_real": real_right,
+                "d_accuracy_fake": fake_right, "grad_norm_fake_score": norms["fake_score"],
                 "grad_norm_discriminator": norms["discriminator"], "critic_loss": loss.detach()}
 
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:

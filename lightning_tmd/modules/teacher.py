@@ -145,6 +145,12 @@ class TeacherModule(GeneratorModule):
             self.log(f"val/loss_t{t_value}", loss, batch_size=len(x))
 
 
+def sampling_guidance(checkpoint: dict[str, Any], default: float) -> float:
+    """The CFG a teacher checkpoint samples with (its `guidance_scale`); `default` for other checkpoints."""
+    scale = checkpoint.get("hyper_parameters", {}).get("guidance_scale")
+    return default if scale is None else float(scale)
+
+
 def sampling_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The weights of `module.net` that a checkpoint samples with: its EMA when kept, else the raw net
     (a teacher's `WanNet`, a stage-1 student's `TMDStudent`, ...)."""
