@@ -253,3 +253,15 @@ def test_prompt_encoder_caches_and_needs_a_negative_prompt():
     assert prompts.negative(3).states.shape == (3, 8, 16)
     with pytest.raises(ValueError, match="text.negative_prompt"):
         PromptEncoder(VocabTextEncoder(16, 8), None)
+
+
+def test_patchify_adds_the_planes_embedding_once_computed_as_if_they_were_channels():
+    net = WanNet.from_config({**TINY_WAN, "in_channels": 3 + 12}, position_frequencies=2).eval()
+    x = torch.randn(2, 3, 4, 8, 8)
+    with torch.no_grad():
+        reference = net.transformer.patch_embedding(net.with_positions(x)).flatten(2).transpose(1, 2)
+        positions = net.position_embedding(x)
+        assert positions.shape == (1, 4 * 4 * 4, net.inner_dim)
+        torch.testing.assert_close(net.patchify(x), reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(net.patchify(x, positions), reference, atol=1e-5, rtol=1e-5)
+        assert torch.equal(net.embed(x, torch.full((2,), 500.0), torch.randn(2, 5, 16)).positions, positions)

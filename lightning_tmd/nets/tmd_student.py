@@ -175,7 +175,8 @@ class TMDStudent(nn.Module):
     def head(self, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor, main: MainFeature) -> torch.Tensor:
         """head_theta(y_s, s, r; m): the last H blocks on fuse(m, y_s), then the output layers."""
         temb, modulation = self.head_time(s, r, main.hidden.dtype)
-        hidden = self.fusion(main.hidden, self.wan.patchify(y_s.to(main.hidden.dtype)), modulation)
+        y_tokens = self.wan.patchify(y_s.to(main.hidden.dtype), main.tokens.positions)
+        hidden = self.fusion(main.hidden, y_tokens, modulation)
         hidden = self.wan.run_blocks(main.tokens, self.split, self.num_blocks, hidden, modulation)
         return main.read_output(self.wan.unembed(hidden, temb, main.tokens.grid))
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -43,6 +44,7 @@ class WanTokens:
     timestep_proj: torch.Tensor  # (B, 6, D) block AdaLN modulation
     rotary: Any  # rope (cos, sin) for the token grid
     grid: tuple[int, int, int]  # tokens along (frames, height, width)
+    positions: torch.Tensor | None = None  # (1, L, D) the patch embedding of the position planes (or None)
 
     def select(self, index: torch.Tensor) -> WanTokens:
         """The tokens of the batch rows `index` (rope is shared by the batch)."""
@@ -233,7 +235,8 @@ class WanNet(nn.Module):
         pt, ph, pw = self.patch_size
         _, _, frames, height, width = x.shape
         rotary = tr.rope(x)
-        hidden = self.patchify(x)
+        positions = self.position_embedding(x)
+        hidden = self.patchify(x, positions)
         temb, timestep_proj, context, _ = tr.condition_embedder(timestep, context, None)
         return WanTokens(
             hidden=hidden,
@@ -242,23 +245,48 @@ class WanNet(nn.Module):
             timestep_proj=timestep_proj.unflatten(1, (6, -1)),
             rotary=rotary,
             grid=(frames // pt, height // ph, width // pw),
+            positions=positions,
         )
 
-    def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """The shared patch embedding alone: (B, C, T, H, W) -> tokens (B, L, D)."""
-        return self.transformer.patch_embedding(self.with_positions(x)).flatten(2).transpose(1, 2).contiguous()
+    def patchify(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The shared patch embedding alone: (B, C, T, H, W) -> tokens (B, L, D).
+
+        A net with position planes embeds the clip's channels and adds the planes' embedding `positions`
+        (`position_embedding`; computed here when not given): the same as embedding the clip with the planes
+        appended as channels, without convolving the constant planes again for every call of a forward (the
+        flow head embeds a new y_s at each inner step).
+        """
+        embedding = self.transformer.patch_embedding
+        if not self.position_frequencies:
+            return embedding(x).flatten(2).transpose(1, 2).contiguous()
+        if positions is None:
+            positions = self.position_embedding(x)
+        channels = x.shape[1]
+        tokens = F.conv3d(x, embedding.weight[:, :channels], embedding.bias, stride=embedding.stride)
+        return (tokens.flatten(2).transpose(1, 2) + positions).contiguous()
 
     def with_positions(self, x: torch.Tensor) -> torch.Tensor:
-        """x with Fourier features of the (t, y, x) position appended when the net takes them.
-
-        Wan has no absolute position embedding (RoPE is relative), so without them a net cannot tell the
-        first frame or the left edge from any other; through the patch embedding the planes become a
-        learned absolute position embedding.
-        """
+        """x with its position planes appended as channels: what the Wan's own `forward` takes."""
         if not self.position_frequencies:
             return x
         planes = fourier_position_planes(x.shape[2:], self.position_frequencies, x.device, x.dtype)
         return torch.cat([x, planes.expand(len(x), -1, -1, -1, -1)], dim=1)
+
+    def position_embedding(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The patch embedding's response to the position planes of a clip shaped like x, (1, L, D) without the
+        bias; None for a net without planes.
+
+        Wan has no absolute position embedding (RoPE is relative), so without them a net cannot tell the
+        first frame or the left edge from any other; the planes are Fourier features of the (t, y, x)
+        position appended to the clip's channels, and through the patch embedding they become a learned
+        absolute position embedding.
+        """
+        if not self.position_frequencies:
+            return None
+        embedding = self.transformer.patch_embedding
+        planes = fourier_position_planes(x.shape[2:], self.position_frequencies, x.device, x.dtype)[None]
+        weight = embedding.weight[:, self.transformer.config.out_channels :]
+        return F.conv3d(planes, weight, stride=embedding.stride).flatten(2).transpose(1, 2)
 
     def embed_time(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Time embedding alone: (temb (B, D), timestep_proj (B, 6, D)), exactly as in `embed`."""
