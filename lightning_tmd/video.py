@@ -40,3 +40,24 @@ def save_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     else:
         raise ValueError(f"unknown video suffix '{path.suffix}': use .gif or .mp4")
     return path
+
+
+def labelled_rows(rows: list[tuple[str, torch.Tensor]], scale: int = 4, pad: int = 2,
+                  label_width: int = 150) -> np.ndarray:
+    """Side-by-side comparison: one row per (label, frames (N, T, H, W, C) uint8), the label written on the
+    left, the N clips to its right (the same prompts and seeds in every row). Returns (T, height, width, C)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grids = [video_grid(frames, columns=len(frames), pad=pad, scale=scale) for _, frames in rows]
+    t, h, w, c = grids[0].shape
+    font = ImageFont.load_default()
+    labels = []
+    for label, _ in rows:
+        picture = Image.new("RGB", (label_width, h), (255, 255, 255))
+        draw = ImageDraw.Draw(picture)
+        lines = label.split("\n")
+        top = (h - 12 * len(lines)) // 2
+        for k, line in enumerate(lines):
+            draw.text((4, top + 12 * k), line, fill=(0, 0, 0), font=font)
+        labels.append(np.broadcast_to(np.asarray(picture), (t, h, label_width, c)))
+    return np.concatenate([np.concatenate([label, grid], axis=2) for label, grid in zip(labels, grids)], axis=1)

@@ -1,0 +1,103 @@
+"""The pipeline app: teacher -> stage 1 -> stage 2 -> baselines -> evaluation in one run folder, skipping
+finished stages, resuming a killed one, and refusing bad input before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from lightning_tmd.pipeline import Pipeline, pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pipeline_cfg(root: Path, *overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("pipeline", overrides=["pipeline=shapes_quick", f"root={root}", *overrides])
+
+
+def test_quick_pipeline_end_to_end_then_skips_every_finished_stage(tiny_judge, tmp_path):
+    evaluation = ["num_samples=16", f"judge.path={tiny_judge[0]}", "latency.repeats=1", "latency.batch_size=2"]
+    overrides = ["pipeline.students=[[2,2]]", f"pipeline.evaluation.overrides={json.dumps(evaluation)}"]
+    result = pipeline(pipeline_cfg(tmp_path, *overrides))
+    folder = tmp_path / "shapes_quick"
+    stages = ["teacher", "stage1_m2n2", "stage2_m2n2", "kd", "dmd2v_m1", "dmd2v_m2"]
+    for name in stages:
+        assert (folder / name / "checkpoints" / "last.ckpt").is_file(), name
+        assert result["stages"][name]["status"] == "trained"
+        assert list((folder / name / "tensorboard").glob("events.out.tfevents.*")), name  # one log root
+    for name in ("results.md", "results.json", "samples.gif", "pipeline.yaml", "pipeline.log"):
+        assert (folder / name).is_file(), name
+    rows = json.loads((folder / "results.json").read_text())["evaluation"]["rows"]
+    assert {r["model"] for r in rows} >= {"teacher", *stages[1:]}
+    assert "| stage2_m2n2 |" in (folder / "results.md").read_text()
+    # the same command again: every training stage is skipped, only the evaluation runs
+    again = pipeline(pipeline_cfg(tmp_path, *overrides))
+    assert all(again["stages"][name]["status"].startswith("skipped") for name in stages)
+
+
+def test_a_killed_pipeline_resumes_the_interrupted_stage_from_its_checkpoint(smoke_checkpoint, tmp_path):
+    overrides = [f"pipeline.teacher_ckpt={smoke_checkpoint}", "pipeline.students=[[2,2]]", "pipeline.baselines=[]",
+                 "pipeline.until=stage2_m2n2",
+                 'pipeline.overrides.stage2=["trainer.max_steps=400","callbacks.checkpoint.every_n_train_steps=5"]']
+    command = [sys.executable, "-m", "lightning_tmd.pipeline", "pipeline=shapes_quick", f"root={tmp_path}", *overrides]
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "shapes_quick" / "stage2_m2n2" / "checkpoints"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("step_*.ckpt")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the pipeline and its stage-2 process
+    process.wait()
+    assert list(checkpoints.glob("step_*.ckpt")), "stage 2 never wrote a checkpoint"
+
+    result = pipeline(pipeline_cfg(tmp_path, *overrides))
+    assert result["stages"]["stage1_m2n2"]["status"].startswith("skipped")
+    resumed = result["stages"]["stage2_m2n2"]["resumed_from"]
+    assert resumed is not None and Path(resumed).parent == checkpoints
+    final = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    assert final["global_step"] == 400 and final["dmd_iteration"] == 400
+    log = (tmp_path / "shapes_quick" / "pipeline.log").read_text()
+    assert "stage 2 of 2, stage2_m2n2: resuming from" in log
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        (["pipeline.until=stage9"], ValueError, "pipeline.until=stage9: no such stage"),
+        (["pipeline.baselines=[dmd3]"], ValueError, r"pipeline.baselines: \['dmd3'\] unknown"),
+        (["pipeline.experiments.stage1=no_such_experiment"], ValueError, "stage1_m2n2: its config does not compose"),
+        (["pipeline.students=[[0,2]]"], ValueError, "pipeline.students"),
+        (["pipeline.teacher_ckpt=/no/such.ckpt"], FileNotFoundError, "pipeline.teacher_ckpt"),
+    ],
+)
+def test_bad_pipeline_input_fails_before_any_work(overrides, error, message, tmp_path):
+    with pytest.raises(error, match=message):
+        Pipeline(pipeline_cfg(tmp_path, *overrides)).check()
+    assert not (tmp_path / "shapes_quick" / "teacher").exists()
+
+
+def test_a_student_checkpoint_is_no_teacher_and_folders_are_not_mixed(smoke_checkpoint, smoke_student_checkpoint,
+                                                                      tmp_path):
+    with pytest.raises(ValueError, match="is a tm checkpoint, not a teacher's"):
+        Pipeline(pipeline_cfg(tmp_path, f"pipeline.teacher_ckpt={smoke_student_checkpoint}")).check()
+    Pipeline(pipeline_cfg(tmp_path, f"pipeline.teacher_ckpt={smoke_checkpoint}")).check()  # writes its config
+    with pytest.raises(ValueError, match=r"holds another pipeline .*\['seed'\].*pipeline.name.*force=true"):
+        Pipeline(pipeline_cfg(tmp_path, f"pipeline.teacher_ckpt={smoke_checkpoint}", "pipeline.seed=1")).check()
+    teacher = f"pipeline.teacher_ckpt={smoke_checkpoint}"
+    Pipeline(pipeline_cfg(tmp_path, teacher, "pipeline.seed=1", "force=true")).check()
+    # stopping earlier is the same pipeline
+    Pipeline(pipeline_cfg(tmp_path, f"pipeline.teacher_ckpt={smoke_checkpoint}", "pipeline.seed=1",
+                          "pipeline.until=stage1_m2n2")).check()
