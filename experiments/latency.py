@@ -1,0 +1,84 @@
+"""Sampling latency of the teacher and the students, side by side in one process, against their effective NFE.
+
+For each model and batch size: one warm-up call, then the median of `--repeats` timed calls of its sampler
+(noise to clips, text embeddings precomputed). The speed-up over the reference (the first model, e.g. the
+teacher's 50 CFG steps) is set next to the ratio of effective NFE: a sampler without overhead beyond its
+network passes reaches a speed-up equal to that ratio.
+
+    python experiments/latency.py --out experiments/results/latency.md \
+        --model "teacher=runs/pipeline/shapes/teacher/checkpoints/last.ckpt" \
+        --model "TMD M2 N2=runs/pipeline/shapes/stage2_m2n2/checkpoints/last.ckpt" \
+        --sampler 'TMD M2 N2={"outer_steps": 2}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from benchmarking import write_report
+
+from lightning_tmd.generators import load_generator
+from lightning_tmd.sampling import seeded_noise
+
+
+def median_time(module, sampler: dict, positive, negative, noise, repeats: int) -> float:
+    """Median wall time of `repeats` calls of module.sample after one warm-up call."""
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        module.sample(positive, negative, noise=noise, **sampler)
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, help="LABEL=CKPT; the first is the reference")
+    parser.add_argument("--sampler", action="append", default=[], help="LABEL=JSON sampler overrides")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="experiments/results/latency.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    samplers = {k: json.loads(v) for k, v in (item.rsplit("=", 1) for item in args.sampler)}
+    rows = []
+    for item in args.model:
+        label, ckpt = item.rsplit("=", 1)
+        loaded = load_generator(ckpt)
+        for batch in args.batch:
+            positive = loaded.prompts(["a red circle moving up"] * batch).states
+            negative = loaded.prompts.negative(batch).states
+            noise = seeded_noise(list(range(batch)), loaded.clip_shape)
+            sampler = samplers.get(label, {})
+            with torch.no_grad():
+                nfe = loaded.module.sample(positive, negative, noise=noise, **sampler)[1]
+                seconds = median_time(loaded.module, sampler, positive, negative, noise, args.repeats)
+            rows.append({"model": label, "sampler": sampler, "nfe": float(nfe), "batch": batch, "seconds": seconds})
+            print(rows[-1], flush=True)
+    reference = {r["batch"]: r for r in rows if r["model"] == rows[0]["model"]}
+    header = "| model | eff. NFE | batch | s / batch (median) | s / clip | speed-up | NFE ratio | speed-up / NFE |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = reference[r["batch"]]
+        speedup, ratio = ref["seconds"] / r["seconds"], ref["nfe"] / r["nfe"]
+        r.update(speedup=speedup, nfe_ratio=ratio)
+        lines.append(f"| {r['model']} | {r['nfe']:.3g} | {r['batch']} | {r['seconds']:.4f} | "
+                     f"{r['seconds'] / r['batch']:.4f} | {speedup:.1f}x | {ratio:.1f}x | {speedup / ratio:.2f} |")
+    command = "python experiments/latency.py " + " ".join(
+        [f'--model "{m}"' for m in args.model] + [f"--sampler '{s}'" for s in args.sampler])
+    body = (f"Median of {args.repeats} timed calls after one warm-up, {args.threads} CPU threads, one process, nothing "
+            "else running; text embeddings precomputed. Speed-up against the first row at the same batch size.\n\n"
+            + "\n".join(lines))
+    print(write_report(args.out, "Sampling latency against effective NFE", command, body))
+    with open(args.out.removesuffix(".md") + ".json", "w") as f:
+        json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
