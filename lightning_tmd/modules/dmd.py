@@ -27,7 +27,7 @@ from lightning_tmd.modules.student import StudentModule
 from lightning_tmd.modules.teacher import TeacherModule, sampling_guidance, sampling_state_dict, sampling_weights
 from lightning_tmd.nets.discriminator import Discriminator
 from lightning_tmd.nets.wan import wan_timestep
-from lightning_tmd.parallel import full_value, shard_for_strategy
+from lightning_tmd.parallel import full_value, reshard, shard_for_strategy
 from lightning_tmd.schedules import broadcast_time, interpolate
 
 STUDENTS: dict[str, type[GeneratorModule]] = {"tmd": StudentModule, "one_pass": OnePassStudent}
@@ -247,6 +247,10 @@ class DMDModule(L.LightningModule):
             norms[group["name"]] = full_value(norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # free this role's gradients while the other roles train
+        # under FSDP the nets' own weights (embeddings, fusion, output layers) stay gathered after a forward
+        # without backward (e.g. the student's samples in a critic update): drop the gathered copies, so the
+        # next forward gathers the weights this step has just changed. No-op without FSDP.
+        reshard(self)
         return norms
 
     # -- the two updates -----------------------------------------------------------------------------
