@@ -65,7 +65,7 @@ class TeacherPairsDataModule(ShapesDataModule):
             from lightning_tmd.modules.teacher import sampling_guidance
 
             checkpoint = torch.load(teacher, map_location="cpu", weights_only=False)
-            self.sampler["guidance_scale"] = sampling_guidance(checkpoint, 5.0)
+            self.sampler["guidance_scale"] = sampling_guidance(checkpoint)
         stat = teacher.stat()
         key = {"teacher": [str(teacher.resolve()), stat.st_size, stat.st_mtime_ns], "sampler": self.sampler,
                "pairs": [self.num_pairs, self.num_val_pairs], "clip": self.clip_shape, "seed": self.seed,

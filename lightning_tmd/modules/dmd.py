@@ -24,7 +24,13 @@ from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.modules.critic import CriticModule
 from lightning_tmd.modules.one_pass import OnePassStudent
 from lightning_tmd.modules.student import StudentModule
-from lightning_tmd.modules.teacher import TeacherModule, sampling_guidance, sampling_state_dict, sampling_weights
+from lightning_tmd.modules.teacher import (
+    PAPER_GUIDANCE,
+    TeacherModule,
+    sampling_guidance,
+    sampling_state_dict,
+    sampling_weights,
+)
 from lightning_tmd.nets.discriminator import Discriminator
 from lightning_tmd.nets.wan import wan_timestep
 from lightning_tmd.parallel import full_value, reshard, shard_for_strategy
@@ -32,7 +38,6 @@ from lightning_tmd.schedules import broadcast_time, interpolate
 
 STUDENTS: dict[str, type[GeneratorModule]] = {"tmd": StudentModule, "one_pass": OnePassStudent}
 TEACHER_PREFIX = "teacher."
-PAPER_GUIDANCE = 5.0  # the real score's CFG for Wan2.1 (paper, Table 7)
 
 
 class DMDModule(L.LightningModule):
@@ -128,7 +133,7 @@ class DMDModule(L.LightningModule):
         checkpoint = torch.load(hp.teacher_ckpt, map_location="cpu", weights_only=False) if hp.teacher_ckpt else {}
         teacher_weights = sampling_weights(checkpoint["state_dict"]) if checkpoint else None
         if hp.guidance_scale is None:
-            self.real_guidance = sampling_guidance(checkpoint, PAPER_GUIDANCE)
+            self.real_guidance = sampling_guidance(checkpoint)
         if teacher_weights is not None:  # else model.path's weights are already in all three
             teacher.net.load_state_dict(teacher_weights)
             self.critic.net.load_state_dict(teacher_weights)

@@ -145,7 +145,10 @@ class TeacherModule(GeneratorModule):
             self.log(f"val/loss_t{t_value}", loss, batch_size=len(x))
 
 
-def sampling_guidance(checkpoint: dict[str, Any], default: float) -> float:
+PAPER_GUIDANCE = 5.0  # the real score's CFG for Wan2.1 (paper, Table 7)
+
+
+def sampling_guidance(checkpoint: dict[str, Any], default: float = PAPER_GUIDANCE) -> float:
     """The CFG a teacher checkpoint samples with (its `guidance_scale`); `default` for other checkpoints."""
     scale = checkpoint.get("hyper_parameters", {}).get("guidance_scale")
     return default if scale is None else float(scale)
