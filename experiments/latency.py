@@ -3,7 +3,9 @@
 For each model and batch size: one warm-up call, then the median of `--repeats` timed calls of its sampler
 (noise to clips, text embeddings precomputed). The speed-up over the reference (the first model, e.g. the
 teacher's 50 CFG steps) is set next to the ratio of effective NFE: a sampler without overhead beyond its
-network passes reaches a speed-up equal to that ratio.
+network passes reaches a speed-up equal to that ratio. `s / NFE` (seconds per batch over effective NFE) shows
+what one NFE costs: CFG counts two NFE per step but runs them in one batched forward, which at batch 1 (a
+latency-bound call) costs about as much as one unguided pass.
 
     python experiments/latency.py --out experiments/results/latency.md \
         --model "teacher=runs/pipeline/shapes/teacher/checkpoints/last.ckpt" \
@@ -62,14 +64,16 @@ def main() -> None:
             rows.append({"model": label, "sampler": sampler, "nfe": float(nfe), "batch": batch, "seconds": seconds})
             print(rows[-1], flush=True)
     reference = {r["batch"]: r for r in rows if r["model"] == rows[0]["model"]}
-    header = "| model | eff. NFE | batch | s / batch (median) | s / clip | speed-up | NFE ratio | speed-up / NFE |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    header = ("| model | eff. NFE | batch | s / batch (median) | s / clip | ms / NFE | speed-up | NFE ratio "
+              "| speed-up / NFE |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = reference[r["batch"]]
         speedup, ratio = ref["seconds"] / r["seconds"], ref["nfe"] / r["nfe"]
         r.update(speedup=speedup, nfe_ratio=ratio)
         lines.append(f"| {r['model']} | {r['nfe']:.3g} | {r['batch']} | {r['seconds']:.4f} | "
-                     f"{r['seconds'] / r['batch']:.4f} | {speedup:.1f}x | {ratio:.1f}x | {speedup / ratio:.2f} |")
+                     f"{r['seconds'] / r['batch']:.4f} | {1000 * r['seconds'] / r['nfe']:.1f} | "
+                     f"{speedup:.1f}x | {ratio:.1f}x | {speedup / ratio:.2f} |")
     command = "python experiments/latency.py " + " ".join(
         [f'--model "{m}"' for m in args.model] + [f"--sampler '{s}'" for s in args.sampler])
     body = (f"Median of {args.repeats} timed calls after one warm-up, {args.threads} CPU threads, one process, nothing "
