@@ -169,7 +169,7 @@ STUDENT_ARCHITECTURE = ("head_blocks", "fusion", "inner_target", "outer_steps", 
 def check_dmd(cfg: DictConfig, model: dict) -> None:
     """Stage 2: a teacher, discriminator blocks inside the teacher, and a student checkpoint of the
     configured kind (a TMD student must come from a stage-1 run with the same H, fusion, inner target,
-    M, N and grid shifts: stage 1 is specific to its grids, METHOD Q5)."""
+    M, N and grid shifts: stage 1 is specific to its grids, docs/method.md Q5)."""
     module, blocks = cfg.stage.module, model["num_layers"]
     check_teacher_source(cfg, "stage.module.teacher_ckpt", module.get("teacher_ckpt"))
     bad = [b for b in module.discriminator.blocks if not 1 <= b <= blocks]

@@ -4,7 +4,7 @@
     pipe = TMDPipeline.from_pretrained("exports/shapes_tmd")
     out = pipe(prompt="a red circle moving up", outer_steps=2, inner_steps=4,
                generator=torch.Generator().manual_seed(0))
-    out.frames, out.nfe      # (B, T, C, H, W) in [0, 1]; the effective NFE (METHOD Eq. 16)
+    out.frames, out.nfe      # (B, T, C, H, W) in [0, 1]; the effective NFE (Eq. 16)
 
 Load a bfloat16 export with `from_pretrained(folder, dtype=torch.bfloat16)` (diffusers otherwise upcasts it
 to float32); Wan's norms and time embedding stay float32 either way.

@@ -20,7 +20,7 @@ def adaptive_l2_loss(pred: torch.Tensor, target: torch.Tensor, c: float) -> torc
 
 def finite_difference_dds(u_fn, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor, tangent: torch.Tensor,
                           delta: float = 5e-3, s_min: float = 0.0, s_max: float = 1.0) -> torch.Tensor:
-    """d/ds u(y_s, s) along dy/ds = `tangent` by a finite difference, per sample (METHOD §3.2):
+    """d/ds u(y_s, s) along dy/ds = `tangent` by a finite difference, per sample (docs/method.md §Stage 1):
 
         [u(y_s + (s_hi - s) v, s_hi) - u(y_s + (s_lo - s) v, s_lo)] / (s_hi - s_lo)
 
@@ -53,7 +53,7 @@ def jvp_dds(u_fn, y_s: torch.Tensor, s: torch.Tensor, tangent: torch.Tensor) -> 
 
 def vsd_gradient(x_hat: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor,
                  eps: float = 1e-6) -> torch.Tensor:
-    """The DMD update direction in fp32, without grad (METHOD §4.1, Q3):
+    """The DMD update direction in fp32, without grad (Eq. 11; docs/method.md Q3):
     (x0_fake - x0_teacher) / mean|x_hat - x0_teacher|, normalised per sample."""
     with torch.no_grad():
         x0_teacher = x0_teacher.float()

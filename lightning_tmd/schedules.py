@@ -87,7 +87,7 @@ def broadcast_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def grid_floor(grid: torch.Tensor, s: torch.Tensor, strict: bool = False) -> torch.Tensor:
-    """For each s, the largest grid point <= s (< s when `strict`), float64 (METHOD §3.2, Q7).
+    """For each s, the largest grid point <= s (< s when `strict`), float64 (App. A.2; docs/method.md Q7).
 
     `grid` may be listed in any order (the shifted grids run from noise to data).
     """

@@ -1,4 +1,4 @@
-"""Teacher ODE pairs for the KD warm-up of one-step DMD2-v (METHOD §4.1): noise -> the teacher's
+"""Teacher ODE pairs for the KD warm-up of one-step DMD2-v (Table 4; docs/method.md §Baselines): noise -> the teacher's
 CFG sample, on the shapes captions. Generated once (progress bar), cached to disk, reused by every run
 with the same teacher and settings."""
 

@@ -1,5 +1,6 @@
 """DMDModule: stage 2 of TMD, DMD2-v with the flow head rolled out inside every outer step, and the
-DMD2-v baseline (METHOD §4). Manual optimization over three trained roles and a frozen teacher:
+DMD2-v baseline (docs/method.md §Stage 2, §Baselines). Manual optimization over three trained roles and a
+frozen teacher:
 
     iteration k % student_every == 0:  student  <- VSD (CFG-5 teacher vs fake score) + lambda GAN
     otherwise:                         critic   <- denoising of re-noised student samples
@@ -58,7 +59,7 @@ class DMDModule(L.LightningModule):
         guidance_scale: the teacher's CFG in the VSD direction; None: the CFG the teacher checkpoint samples
             with (its `guidance_scale`), or the paper's 5 for a teacher from `model.path`. The VSD target is
             then the distribution the teacher's own sampler draws. gan_weight: lambda. t_shift: gamma of t_dmd.
-        rollout: TMD only; False trains with one head call over [t_max, 0] (METHOD Q6 ablation).
+        rollout: TMD only; False trains with one head call over [t_max, 0] (docs/method.md Q6 ablation).
         backward_simulation: build the student's input x_{t_i} by running the student (no grad) from
             noise instead of noising data (DMD2); the GAN's real branch still reads the batch.
         lr_student, lr_critic, lr_discriminator, betas, weight_decay, adam_eps: AdamW per role.

@@ -1,5 +1,5 @@
 """StudentModule: the TMD student (backbone + recurrent flow head), stage 1 = transition-matching
-MeanFlow (TM-MF, METHOD §3), or plain transition matching; `sample()` is Algorithm 1."""
+MeanFlow (TM-MF, Eqs. 9-10, docs/method.md §Stage 1), or plain transition matching; `sample()` is Algorithm 1."""
 
 from __future__ import annotations
 
@@ -114,9 +114,9 @@ class StudentModule(GeneratorModule):
     def generate(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, noise: torch.Tensor | None = None,
                  rollout: bool = True) -> torch.Tensor:
         """g_theta(x_t, t; y1): one outer step's clean estimate x_hat (Eq. 15) from fresh inner noise,
-        differentiable through the backbone and all N inner head steps (METHOD §4.2).
+        differentiable through the backbone and all N inner head steps (docs/method.md §Stage 2).
 
-        `rollout=False` is the ablation of METHOD Q6: a single head call over the whole inner
+        `rollout=False` is the ablation of docs/method.md Q6: a single head call over the whole inner
         interval [t_max, 0]. `noise` (the outer x1) is used by the literal clean estimate only.
         """
         main = self.net.backbone(x_t, t, context)
@@ -156,7 +156,7 @@ class StudentModule(GeneratorModule):
                         x_t: torch.Tensor, t: torch.Tensor, negative_context: torch.Tensor,
                         dropped: torch.Tensor) -> torch.Tensor:
         """v_g = u_unc + w (v - u_unc), u_unc = u_theta(y_s, s, s; m(x_t, t, negative prompt)), on the
-        rows that kept their caption; dropped rows keep v (METHOD Q8). Computed on every row and masked,
+        rows that kept their caption; dropped rows keep v (docs/method.md Q8). Computed on every row and masked,
         so that all data-parallel ranks run the same calls (FSDP gathers weights collectively)."""
         if self.hparams.guidance_scale == 1.0:
             return v
@@ -185,7 +185,8 @@ class StudentModule(GeneratorModule):
             return finite_difference_dds(u_fn, y_s, s, r, tangent, hp.fd_delta, 0.0, hp.t_max)
 
     def stage1_loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        """TM-MF (METHOD §3.3): the whole student trains; returns the loss and diagnostics."""
+        """TM-MF (Alg. 2, Eqs. 9-10; docs/method.md §Stage 1): the whole student trains; returns the loss
+        and diagnostics."""
         hp = self.hparams
         x = batch["video"]
         n, device = len(x), x.device

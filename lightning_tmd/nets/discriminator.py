@@ -1,5 +1,6 @@
 """The stage-2 discriminator: one Conv3D head per chosen teacher block, each reading that block's
-unpatchified hidden state (`WanNet.block_features`) of a noised real or fake clip (METHOD §4.1)."""
+unpatchified hidden state (`WanNet.block_features`) of a noised real or fake clip (Table 3;
+docs/method.md §Stage 2)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ and its last H blocks plus output layers as a recurrent flow head (run for every
     x_next = student.transition(x_t, t, t_next, y_hat)       # Eq. 4
 
 The head sees the inner state y_s through the shared patch embedding and a fusion layer, and its
-AdaLN is conditioned on emb(s) + emb_new(s - r) (METHOD §2.2). Both new paths start at zero, so at
-initialisation `head(y, t, t; backbone(x_t, t))` is the teacher's velocity at (x_t, t).
+AdaLN is conditioned on emb(s) + emb_new(s - r) (App. A.1; docs/method.md §The TMD student). Both new
+paths start at zero, so at initialisation `head(y, t, t; backbone(x_t, t))` is the teacher's velocity at (x_t, t).
 
 A teacher with `model.prediction=edm` reads its Wan output F through EDM's preconditioning; the head's
 output is read the same way at the outer step, c_skip(t) x_t + c_out(t) F, so that identity holds for it too.
@@ -26,8 +26,8 @@ from lightning_tmd.nets.wan import WanNet, WanTokens, wan_timestep
 from lightning_tmd.schedules import broadcast_time
 
 FUSIONS = ("gated", "concat")
-INNER_TARGETS = ("velocity", "sample")  # y = x1 - x (DTM, default) or y = x (METHOD Table 10)
-CLEAN_ESTIMATES = ("transition", "literal")  # x_t - t v(y_hat) (METHOD Q2) or x1 - y_hat
+INNER_TARGETS = ("velocity", "sample")  # y = x1 - x (DTM, default) or y = x (Table 10)
+CLEAN_ESTIMATES = ("transition", "literal")  # x_t - t v(y_hat) (docs/method.md Q2) or x1 - y_hat
 
 
 @dataclass
@@ -56,7 +56,8 @@ class MainFeature:
 
 
 class GatedFusion(nn.Module):
-    """y-tokens through an AdaLN-style MLP block, added to m under a global sigmoid gate (METHOD §2.2):
+    """y-tokens through an AdaLN-style MLP block, added to m under a global sigmoid gate (App. A.1;
+    docs/method.md §The TMD student):
 
         h = m + sigma(a) * g * MLP(LN(e) * (1 + scale) + shift),   e = patch_embed(y_s),
 
@@ -91,7 +92,7 @@ class GatedFusion(nn.Module):
 
 
 class ConcatFusion(nn.Module):
-    """h = W [m ; e] + b, with W = [I, N(0, init_std^2)] and b = 0 at initialisation (METHOD App. B.3)."""
+    """h = W [m ; e] + b, with W = [I, N(0, init_std^2)] and b = 0 at initialisation (App. B.3)."""
 
     def __init__(self, dim: int, init_std: float = 0.01) -> None:
         super().__init__()
@@ -208,7 +209,7 @@ class TMDStudent(nn.Module):
 
     def clean_estimate(self, x_t: torch.Tensor, t: torch.Tensor, y_hat: torch.Tensor,
                        kind: str = "transition", noise: torch.Tensor | None = None) -> torch.Tensor:
-        """x_hat = x_t - t v(y_hat) (default, METHOD Q2), or the literal Eq. 15 x_hat = x1 - y_hat
+        """x_hat = x_t - t v(y_hat) (default, docs/method.md Q2), or the literal Eq. 15 x_hat = x1 - y_hat
         with the true outer noise x1 (training only)."""
         if kind == "transition":
             return x_t - broadcast_time(t, x_t) * self.outer_velocity(x_t, t, y_hat)
