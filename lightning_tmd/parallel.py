@@ -121,3 +121,22 @@ def reshard(module: nn.Module) -> None:
 def full_value(value: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (e.g. a gradient norm under FSDP); plain tensors pass through."""
     return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def local_value(value: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; plain tensors pass through."""
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+def first_nonfinite(state: dict) -> str | None:
+    """The key of the first floating-point tensor with a non-finite value (on this rank's shards) in a nested
+    state dict, else None."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            inner = first_nonfinite(value)
+            if inner is not None:
+                return f"{key}.{inner}"
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(
+                local_value(value)).all():
+            return str(key)
+    return None

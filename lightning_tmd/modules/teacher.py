@@ -11,6 +11,7 @@ from lightning_tmd.losses import flow_matching_loss
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.optim import check_optimizer
+from lightning_tmd.parallel import first_nonfinite
 from lightning_tmd.sampling import check_guidance_interval, euler_sample, guided_velocity_fn, noise_seeded_generator
 from lightning_tmd.schedules import interpolate, sample_train_times, shifted_grid, with_high_noise
 
@@ -165,4 +166,9 @@ def sampling_weights(state: dict[str, torch.Tensor], module: str = "") -> dict[s
     dict): its `ema.module.*` when kept, else its `net.*`, with that prefix removed."""
     ema = f"{module}ema.module."
     prefix = ema if any(k.startswith(ema) for k in state) else f"{module}net."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    bad = first_nonfinite(weights)
+    if bad is not None:
+        raise ValueError(f"the checkpoint's {prefix}{bad} holds non-finite values (a diverged run): use an earlier "
+                         "checkpoint of that run (its checkpoints/step_*.ckpt) or train it again")
+    return weights
