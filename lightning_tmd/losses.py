@@ -54,11 +54,12 @@ def jvp_dds(u_fn, y_s: torch.Tensor, s: torch.Tensor, tangent: torch.Tensor) -> 
 def vsd_gradient(x_hat: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor,
                  eps: float = 1e-6) -> torch.Tensor:
     """The DMD update direction in fp32, without grad (Eq. 11; docs/method.md Q3):
-    (x0_fake - x0_teacher) / mean|x_hat - x0_teacher|, normalised per sample."""
+    (x0_fake - x0_teacher) / mean|x_hat - x0_teacher|, normalised per sample. A non-finite input stays
+    non-finite (the non-finite guard then skips the step; nothing here hides it)."""
     with torch.no_grad():
         x0_teacher = x0_teacher.float()
         scale = (x_hat.float() - x0_teacher).abs().mean(dim=tuple(range(1, x_hat.ndim)), keepdim=True)
-        return torch.nan_to_num((x0_fake.float() - x0_teacher) / (scale + eps))
+        return (x0_fake.float() - x0_teacher) / (scale + eps)
 
 
 def vsd_loss(x_hat: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

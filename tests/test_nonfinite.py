@@ -105,3 +105,13 @@ def test_a_nonfinite_checkpoint_is_refused_as_teacher(smoke_checkpoint, tmp_path
 def test_max_consecutive_must_be_positive():
     with pytest.raises(ValueError, match="max_consecutive"):
         NonFiniteGuard(max_consecutive=0)
+
+
+def test_the_vsd_direction_does_not_hide_a_nonfinite_score():
+    from lightning_tmd.losses import vsd_gradient
+
+    x = torch.zeros(2, 3, 4)
+    fake = torch.ones(2, 3, 4)
+    fake[1, 0, 0] = float("nan")
+    direction = vsd_gradient(x, fake, -torch.ones(2, 3, 4))
+    assert torch.isfinite(direction[0]).all() and direction[1].isnan().any()
