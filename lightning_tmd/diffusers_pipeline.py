@@ -46,7 +46,7 @@ from lightning_tmd.nets.text import TextEmbedding, VocabTextEncoder, encode_with
 from lightning_tmd.nets.tmd_student import TMDStudent
 from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.sampling import effective_nfe, noise_seeded_generator, one_pass_step, tmd_step
-from lightning_tmd.schedules import shifted_grid
+from lightning_tmd.schedules import shift_setting, shifted_grid, steps_setting
 
 STUDENT_KINDS = ("tmd", "one_pass")
 TEXT_KINDS = ("vocab", "transformers", "embeddings")  # how the run embedded prompts
@@ -108,21 +108,24 @@ class TMDStudentModel(ModelMixin, ConfigMixin):
 
     def outer_grid(self, steps: int | None = None, shift: float | None = None) -> torch.Tensor:
         c = self.config
-        return shifted_grid(steps or c.outer_steps, c.outer_shift if shift is None else shift, c.t_max)
+        return shifted_grid(steps_setting(steps, c.outer_steps, "outer_steps"),
+                            shift_setting(shift, c.outer_shift, "outer_shift"), c.t_max)
 
     def inner_grid(self, steps: int | None = None, shift: float | None = None) -> torch.Tensor | None:
         """The TMD head's inner grid (None for a one-pass student)."""
         c = self.config
         if c.kind != "tmd":
             return None
-        return shifted_grid(steps or c.inner_steps, c.inner_shift if shift is None else shift, c.t_max)
+        return shifted_grid(steps_setting(steps, c.inner_steps, "inner_steps"),
+                            shift_setting(shift, c.inner_shift, "inner_shift"), c.t_max)
 
     def effective_nfe(self, outer_steps: int | None = None, inner_steps: int | None = None) -> float:
         """M (1 + (N - 1) H / L) for TMD (Eq. 16), M for a one-pass student."""
         c = self.config
         if c.kind != "tmd":
-            return float(outer_steps or c.outer_steps)
-        return effective_nfe(outer_steps or c.outer_steps, inner_steps or c.inner_steps, c.head_blocks,
+            return float(steps_setting(outer_steps, c.outer_steps, "outer_steps"))
+        return effective_nfe(steps_setting(outer_steps, c.outer_steps, "outer_steps"),
+                             steps_setting(inner_steps, c.inner_steps, "inner_steps"), c.head_blocks,
                              self.wan.num_blocks)
 
     @torch.no_grad()

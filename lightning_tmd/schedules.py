@@ -13,6 +13,25 @@ def shift(t: torch.Tensor | float, gamma: float) -> torch.Tensor | float:
     return gamma * t / ((gamma - 1.0) * t + 1.0)
 
 
+def steps_setting(value: int | None, default: int, name: str) -> int:
+    """A sampler's number of steps: `value` when given, else `default`. Zero or a negative number is an error,
+    never a silent default."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (or null for the default, {default}); got {value!r}")
+    return value
+
+
+def shift_setting(value: float | None, default: float, name: str) -> float:
+    """A sampler's grid shift: `value` when given, else `default`; it must be positive."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number (or null for the default, {default}); got {value!r}")
+    return float(value)
+
+
 def shifted_grid(steps: int, gamma: float, t_max: float = 0.999) -> torch.Tensor:
     """`steps + 1` float64 times from `t_max` down to 0: uniform on [0, t_max], then shifted.
 

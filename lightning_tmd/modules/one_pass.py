@@ -13,7 +13,7 @@ from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.modules.teacher import sampling_state_dict
 from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.sampling import one_pass_step
-from lightning_tmd.schedules import shifted_grid
+from lightning_tmd.schedules import shift_setting, shifted_grid, steps_setting
 
 
 class OnePassStudent(GeneratorModule):
@@ -45,10 +45,11 @@ class OnePassStudent(GeneratorModule):
 
     def outer_grid(self, steps: int | None = None, shift: float | None = None) -> torch.Tensor:
         hp = self.hparams
-        return shifted_grid(steps or hp.outer_steps, hp.outer_shift if shift is None else shift, hp.t_max)
+        return shifted_grid(steps_setting(steps, hp.outer_steps, "outer_steps"),
+                            shift_setting(shift, hp.outer_shift, "outer_shift"), hp.t_max)
 
     def effective_nfe(self, outer_steps: int | None = None, inner_steps: int | None = None) -> float:
-        return float(outer_steps or self.hparams.outer_steps)
+        return float(steps_setting(outer_steps, self.hparams.outer_steps, "outer_steps"))
 
     # -- the generator -------------------------------------------------------------------------
     def generate(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, noise: torch.Tensor | None = None,

@@ -14,7 +14,15 @@ from lightning_tmd.nets.tmd_student import CLEAN_ESTIMATES, MainFeature, TMDStud
 from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.parallel import full_value
 from lightning_tmd.sampling import effective_nfe, noise_seeded_generator, tmd_sample, tmd_step
-from lightning_tmd.schedules import broadcast_time, grid_floor, interpolate, sample_shifted_uniform, shifted_grid
+from lightning_tmd.schedules import (
+    broadcast_time,
+    grid_floor,
+    interpolate,
+    sample_shifted_uniform,
+    shift_setting,
+    shifted_grid,
+    steps_setting,
+)
 
 OBJECTIVES = ("tm_meanflow", "tm")
 DERIVATIVES = ("finite_difference", "jvp")
@@ -62,15 +70,18 @@ class StudentModule(GeneratorModule):
     # -- grids and cost ----------------------------------------------------------------------
     def outer_grid(self, steps: int | None = None, shift: float | None = None) -> torch.Tensor:
         hp = self.hparams
-        return shifted_grid(steps or hp.outer_steps, hp.outer_shift if shift is None else shift, hp.t_max)
+        return shifted_grid(steps_setting(steps, hp.outer_steps, "outer_steps"),
+                            shift_setting(shift, hp.outer_shift, "outer_shift"), hp.t_max)
 
     def inner_grid(self, steps: int | None = None, shift: float | None = None) -> torch.Tensor:
         hp = self.hparams
-        return shifted_grid(steps or hp.inner_steps, hp.inner_shift if shift is None else shift, hp.t_max)
+        return shifted_grid(steps_setting(steps, hp.inner_steps, "inner_steps"),
+                            shift_setting(shift, hp.inner_shift, "inner_shift"), hp.t_max)
 
     def effective_nfe(self, outer_steps: int | None = None, inner_steps: int | None = None) -> float:
         hp = self.hparams
-        return effective_nfe(outer_steps or hp.outer_steps, inner_steps or hp.inner_steps, hp.head_blocks,
+        return effective_nfe(steps_setting(outer_steps, hp.outer_steps, "outer_steps"),
+                             steps_setting(inner_steps, hp.inner_steps, "inner_steps"), hp.head_blocks,
                              self.net.num_blocks)
 
     # -- fit ---------------------------------------------------------------------------------

@@ -13,7 +13,14 @@ from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.optim import check_optimizer
 from lightning_tmd.parallel import first_nonfinite
 from lightning_tmd.sampling import check_guidance_interval, euler_sample, guided_velocity_fn, noise_seeded_generator
-from lightning_tmd.schedules import interpolate, sample_train_times, shifted_grid, with_high_noise
+from lightning_tmd.schedules import (
+    interpolate,
+    sample_train_times,
+    shift_setting,
+    shifted_grid,
+    steps_setting,
+    with_high_noise,
+)
 
 
 class TeacherModule(GeneratorModule):
@@ -85,8 +92,8 @@ class TeacherModule(GeneratorModule):
         noise always gives the same clips. NFE counts the network evaluations, two per guided step.
         """
         hp = self.hparams
-        steps = steps or hp.sample_steps
-        shift = hp.sample_shift if shift is None else shift
+        steps = steps_setting(steps, hp.sample_steps, "steps")
+        shift = shift_setting(shift, hp.sample_shift, "shift")
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
         interval = check_guidance_interval(hp.guidance_interval if guidance_interval is None else guidance_interval)
         churn = hp.sample_churn if churn is None else churn
