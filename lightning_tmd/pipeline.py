@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
+
+from lightning_tmd.callbacks.checkpoint import loadable, newest_loadable_periodic
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 KINDS = ("teacher", "stage1", "stage2", "kd", "dmd2v", "dmd2v_1step")
@@ -264,16 +265,6 @@ def format_minutes(seconds: float) -> str:
     return f"{int(seconds // 60):d}:{int(seconds % 60):02d}"
 
 
-def loadable(path: Path) -> dict | None:
-    """The checkpoint at `path` as a dict, or None when it is missing or unreadable (a truncated file)."""
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:
-        return None
-
-
 def finished_or_resume(folder: Path, max_steps: int) -> str | Path | None:
     """'finished' when the stage's last.ckpt is loadable and at its final step; else the newest loadable
     checkpoint to resume from (last.ckpt, else the latest periodic one), or None to start afresh."""
@@ -283,10 +274,7 @@ def finished_or_resume(folder: Path, max_steps: int) -> str | Path | None:
         return "finished"
     if last is not None:
         return checkpoints / "last.ckpt"
-    for path in sorted(checkpoints.glob("step_*.ckpt"), reverse=True):
-        if loadable(path) is not None:
-            return path
-    return None
+    return newest_loadable_periodic(checkpoints)
 
 
 def check_teacher_checkpoint(path: str) -> None:
