@@ -39,7 +39,7 @@ from lightning_tmd.nets.discriminator import Discriminator
 GiB = 2**30
 LATENT, TEXT_TOKENS = (16, 21, 60, 104), 512
 CARD_GIB = 79.6  # what an 80 GB H100 reports (81 559 MiB; an 80 GB A100: 81 920 MiB)
-MODELS = {  # config, discriminator feature blocks, its target size (METHOD §7), inner steps N
+MODELS = {  # config, discriminator feature blocks, its target size (the paper's; docs/method.md Q11), inner steps N
     "Wan2.1 1.3B": (WAN21_T2V_1_3B, (16, 23, 30), 68e6, 2),
     "Wan2.1 14B": (WAN21_T2V_14B, (20, 30, 40), 172e6, 4),
 }
@@ -311,8 +311,8 @@ def main() -> None:
         memory_table(stages, roles, profiles, factors, args.gpus, args.budget_gib),
         "## Fewest GPUs\n\n" + fewest_gpus_table(stages, roles, profiles, factors, args.budget_gib),
         "## Parameters (from the classes, built on the meta device)\n\n" + parameter_table(roles, widths)
-        + "\n\nDiscriminator widths fitted to METHOD §7's sizes (68 M, 172 M) over (c2, c3, c3), multiples "
-        "of 64, mlp_width 256: " + "; ".join(f"{m}: `widths: [{', '.join(map(str, w))}]`, `mlp_width: 256`"
+        + "\n\nDiscriminator widths fitted to the paper's sizes (68 M, 172 M; docs/method.md Q11) over (c2, c3, c3), "
+        "multiples of 64, mlp_width 256: " + "; ".join(f"{m}: `widths: [{', '.join(map(str, w))}]`, `mlp_width: 256`"
                                              for m, w in widths.items()) + ".",
         "## Activations per token and clip (KiB, a priori CPU count)\n\n" + profile_table(profiles, factors),
         "## Check against the H100 runs\n\n" + CHECK_INTRO + "\n\n" + calibration_table(calibration_rows),

@@ -2,7 +2,7 @@
 DMD2-v baseline (docs/method.md §Stage 2, §Baselines). Manual optimization over three trained roles and a
 frozen teacher:
 
-    iteration k % student_every == 0:  student  <- VSD (CFG-5 teacher vs fake score) + lambda GAN
+    iteration k % student_every == 0:  student  <- VSD (guided teacher vs fake score) + lambda GAN
     otherwise:                         critic   <- denoising of re-noised student samples
                                        discriminator <- BCE on teacher features of noised real / fake
 
