@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_tmd.callbacks.checkpoint import read_checkpoint
 from lightning_tmd.data.shapes import clip_key
 from lightning_tmd.nets.wan import transformer_config
 from lightning_tmd.optim import check_optimizer
@@ -28,8 +29,38 @@ def model_settings(cfg: DictConfig) -> dict:
     return dict(cfg.model.config)
 
 
+def check_positive(field: str, value: Any, kind: type = int) -> None:
+    """`value` (the config field `field`) must be a positive int (kind=int) or a positive finite number."""
+    number = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, number) or not (value > 0 and value != float("inf")):
+        what = "a positive integer" if kind is int else "a positive number"
+        raise ValueError(f"{field}={value!r} must be {what}")
+
+
+def check_device(field: str, device: str) -> None:
+    """A CUDA device needs a visible GPU."""
+    if str(device).startswith(("cuda", "gpu")) and not torch.cuda.is_available():
+        raise ValueError(f"{field}={device} but no CUDA GPU is visible: use {field}=cpu or run on a GPU machine")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Types and signs of the settings every stage reads: steps, batch sizes, learning rates, seed, accelerator."""
+    if isinstance(cfg.get("seed"), bool) or not isinstance(cfg.get("seed"), int):
+        raise ValueError(f"seed={cfg.get('seed')!r} must be an integer")
+    check_positive("trainer.max_steps", cfg.trainer.get("max_steps"))
+    for key in ("batch_size", "val_batch_size"):
+        if cfg.data.get(key) is not None:
+            check_positive(f"data.{key}", cfg.data[key])
+    module = cfg.stage.module
+    for key in ("lr", "lr_student", "lr_critic", "lr_discriminator"):
+        if module.get(key) is not None:
+            check_positive(f"stage.module.{key}", module[key], float)
+    check_device("trainer.accelerator", cfg.trainer.get("accelerator", "auto"))
+
+
 def check_config(cfg: DictConfig) -> None:
     """Config combinations that cannot work: raise before data, models or trainers are built."""
+    check_values(cfg)
     model = model_settings(cfg)
     pt, ph, pw = model["patch_size"]
     frames, size = cfg.data.get("frames"), cfg.data.get("size")
@@ -94,7 +125,7 @@ def check_matching_checkpoint(cfg: DictConfig, field: str, path: str, hint: str)
     check_not_sharded(field, path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"{field}: no checkpoint file at '{path}'. {hint}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(field, path)
     trained = checkpoint.get("run_config")
     if trained is not None:
         ours = OmegaConf.to_container(cfg, resolve=True)
@@ -192,7 +223,12 @@ def check_dmd(cfg: DictConfig, model: dict) -> None:
     hint = ("Train stage 1 first: python -m lightning_tmd.train stage=tm experiment=shapes_tmd_stage1"
             if student.kind == "tmd" else "Train the KD warm-up first: python -m lightning_tmd.train "
             "stage=kd experiment=shapes_kd")
-    trained = check_matching_checkpoint(cfg, "stage.module.student_ckpt", path, hint)["hyper_parameters"]
+    checkpoint = check_matching_checkpoint(cfg, "stage.module.student_ckpt", path, hint)
+    trained_stage = checkpoint.get("run_config", {}).get("stage", {}).get("name")
+    if trained_stage == "teacher":
+        raise ValueError(f"stage.module.student_ckpt holds a teacher (stage=teacher), not a student. {hint}, and "
+                         "pass the teacher as stage.module.teacher_ckpt")
+    trained = checkpoint["hyper_parameters"]
     trained = trained.get("student", trained)  # a stage-2 checkpoint holds its student's settings
     trained_kind = "tmd" if "head_blocks" in trained else "one_pass"
     if trained_kind != student.kind:

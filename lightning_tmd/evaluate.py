@@ -23,6 +23,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_tmd.checks import check_device, check_positive
 from lightning_tmd.data.datamodule import VAL_START
 from lightning_tmd.data.shapes import ShapesDataset, clip_key, clip_settings, stacked
 from lightning_tmd.generators import LoadedGenerator, load_generator
@@ -187,6 +188,11 @@ def markdown_table(rows: list[dict[str, Any]], notes: str = "") -> str:
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run the evaluation; write metrics.json and table.md into `cfg.out_dir`; return the rows."""
     started = time.perf_counter()
+    if isinstance(cfg.num_samples, bool) or not isinstance(cfg.num_samples, int) or cfg.num_samples < 2:
+        raise ValueError(f"num_samples={cfg.num_samples!r}: FVD-shapes needs at least 2 clips per set (256 for the "
+                         "committed tables)")
+    check_positive("batch_size", cfg.batch_size)
+    check_device("device", cfg.device)
     cache_dir = Path(cfg.cache_dir)
     models = {name: load_generator(m.ckpt, cfg.device, ema=m.get("ema", True))
               for name, m in (cfg.models or {}).items()}

@@ -13,7 +13,9 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from torch.optim.swa_utils import AveragedModel
 
+from lightning_tmd.callbacks.checkpoint import read_checkpoint
 from lightning_tmd.nets.text import PromptEncoder, TextEmbedding, TextEncoder
+from lightning_tmd.parallel import first_nonfinite
 
 
 @dataclass
@@ -64,7 +66,11 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", ema: bo
         return load_exported(path, device)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt: no checkpoint file or exported folder at '{path}'")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint("ckpt", path)
+    bad = first_nonfinite(checkpoint["state_dict"])
+    if bad is not None:
+        raise ValueError(f"ckpt: '{path}' holds non-finite weights ({bad}; a diverged run): sample an earlier "
+                         "checkpoint of that run (its checkpoints/step_*.ckpt)")
     config = run_config(checkpoint, path)
     module_class = get_class(config["stage"]["module"]["_target_"])
     module = module_class.load_from_checkpoint(path, map_location=device).eval()

@@ -17,6 +17,7 @@ import imageio.v2 as imageio
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_tmd.checks import check_device, check_positive
 from lightning_tmd.generators import load_generator
 from lightning_tmd.sampling import sample_clips
 from lightning_tmd.video import save_video, to_uint8, video_grid
@@ -43,6 +44,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     """Generate every (prompt, seed) pair, write the files, return the `samples.pt` content."""
     if cfg.format not in ("gif", "mp4"):
         raise ValueError(f"format={cfg.format!r}: use gif or mp4")
+    for key in ("fps", "batch_size", "scale"):
+        check_positive(key, cfg[key])
+    check_device("device", cfg.device)
     prompts, seeds = read_prompts(cfg), [int(s) for s in cfg.seeds]
     loaded = load_generator(cfg.ckpt, cfg.device, ema=cfg.get("ema", True))
     pairs = [(p, s) for p in prompts for s in seeds]

@@ -41,6 +41,24 @@ def loadable(path: Path) -> dict | None:
         return None
 
 
+def read_checkpoint(field: str, path: str | Path) -> dict:
+    """The Lightning checkpoint at `path` (the config field `field` names it), or an error that says what is wrong:
+    missing, not a checkpoint (text, empty, truncated, random bytes), or not a Lightning checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{field}: no checkpoint file at '{path}'")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ValueError(f"{field}: '{path}' is not a readable checkpoint (empty, truncated or not a torch file: "
+                         f"{type(error).__name__}); give a last.ckpt or step_*.ckpt written by lightning_tmd.train"
+                         ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{field}: '{path}' is a torch file but not a Lightning checkpoint (no state_dict); give a "
+                         "last.ckpt or step_*.ckpt written by lightning_tmd.train")
+    return checkpoint
+
+
 def newest_loadable_periodic(folder: Path) -> Path | None:
     """The newest periodic checkpoint (`step_*.ckpt`) in `folder` that loads, else None."""
     for path in sorted(folder.glob("step_*.ckpt"), reverse=True):

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lightning_tmd.callbacks.checkpoint import read_checkpoint
 from lightning_tmd.losses import flow_matching_loss
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.nets.wan import WanNet
@@ -165,7 +166,7 @@ def sampling_guidance(checkpoint: dict[str, Any], default: float = PAPER_GUIDANC
 def sampling_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The weights of `module.net` that a checkpoint samples with: its EMA when kept, else the raw net
     (a teacher's `WanNet`, a stage-1 student's `TMDStudent`, ...)."""
-    return sampling_weights(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+    return sampling_weights(read_checkpoint("checkpoint", path)["state_dict"])
 
 
 def sampling_weights(state: dict[str, torch.Tensor], module: str = "") -> dict[str, torch.Tensor]:
