@@ -25,6 +25,7 @@ from diffusers import AutoencoderKLWan
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_tmd.app import CONFIG_DIR
 from lightning_tmd.diffusers_pipeline import RUN_CONFIG_FILE, TMDPipeline, TMDStudentModel
 from lightning_tmd.generators import clip_shape, run_config
 from lightning_tmd.modules.dmd import STUDENTS, DMDModule
@@ -206,7 +207,7 @@ def export(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
     export(cfg)
 

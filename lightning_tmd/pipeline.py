@@ -27,9 +27,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_tmd.app import CONFIG_DIR
 from lightning_tmd.callbacks.checkpoint import loadable, newest_loadable_periodic
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 KINDS = ("teacher", "stage1", "stage2", "kd", "dmd2v", "dmd2v_1step")
 BASELINES = ("dmd2v",)
 CONFIG_FILE = "pipeline.yaml"
@@ -81,10 +81,10 @@ def plan(cfg: DictConfig) -> list[Stage]:
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
-    """conf/train.yaml with `overrides` (inside a Hydra app or not)."""
+    """train.yaml with `overrides` (inside a Hydra app or not)."""
     if GlobalHydra.instance().is_initialized():
         return compose("train", overrides=overrides)
-    with initialize_config_dir(str(CONF), version_base="1.3"):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=overrides)
 
 
@@ -293,7 +293,7 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
     return Pipeline(cfg).run()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pipeline")
 def main(cfg: DictConfig) -> None:
     pipeline(cfg)
 

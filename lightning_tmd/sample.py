@@ -17,6 +17,7 @@ import imageio.v2 as imageio
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_tmd.app import CONFIG_DIR
 from lightning_tmd.checks import check_device, check_positive
 from lightning_tmd.generators import load_generator
 from lightning_tmd.sampling import sample_clips
@@ -69,7 +70,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 

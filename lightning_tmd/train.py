@@ -13,6 +13,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_tmd.app import CONFIG_DIR
 from lightning_tmd.callbacks import ConfigInCheckpoint
 from lightning_tmd.checks import check_config, check_text_width
 
@@ -49,7 +50,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     train(cfg)
 

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from lightning_tmd.app import CONFIG_DIR
 from lightning_tmd.data.latents import (
     META_FILE,
     PROMPT_TENSORS,
@@ -324,7 +325,7 @@ def preprocess(cfg: DictConfig) -> dict[str, Any]:
     return meta
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="preprocess")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="preprocess")
 def main(cfg: DictConfig) -> None:
     preprocess(cfg)
 
