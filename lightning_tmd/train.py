@@ -6,16 +6,24 @@ calls `Trainer.fit` (resuming from `ckpt_path=...`).
 
 from __future__ import annotations
 
+import datetime
+import logging
+import time
+from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_tmd.app import CONFIG_DIR
+from lightning_tmd.app import CONFIG_DIR, log_lightning_into_run_log, remove_unused_run_folder
 from lightning_tmd.callbacks import ConfigInCheckpoint
 from lightning_tmd.checks import check_config, check_text_width
+
+log = logging.getLogger("lightning_tmd.train")  # not __main__ under `python -m`
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -33,12 +41,21 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
+@rank_zero_only
+def announce(message: str, *args: Any) -> None:
+    log.info(message, *args)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured stage; returns the final logged metrics."""
+    started = time.perf_counter()
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     check_text_width(datamodule.prompts.dim, cfg)
+    folder = Path(cfg.output_dir).absolute()
+    announce("Run folder: %s", folder)
+    announce("TensorBoard: tensorboard --logdir %s", folder)
     module = instantiate(cfg.stage.module, _convert_="all")
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
     callbacks.append(ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)))
@@ -47,12 +64,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(flat_hparams(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+    announce("Checkpoint: %s", Path(checkpoint).absolute() if checkpoint else "none written (checkpointing is off)")
+    announce("Wall time: %s (step %d)", datetime.timedelta(seconds=round(time.perf_counter() - started)),
+             trainer.global_step)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    log_lightning_into_run_log()
+    try:
+        train(cfg)
+    except BaseException:  # a failed config check (or any failure before the run wrote anything)
+        if rank_zero_only.rank == 0:
+            remove_unused_run_folder(Path(HydraConfig.get().runtime.output_dir))
+        raise
 
 
 if __name__ == "__main__":

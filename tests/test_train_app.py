@@ -1,10 +1,23 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.errors import MissingConfigException
 
+from lightning_tmd.app import remove_unused_run_folder
 from lightning_tmd.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train_app(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m lightning_tmd.train experiment=shapes_smoke ...` of this checkout, run in `cwd`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "lightning_tmd.train", "experiment=shapes_smoke", *overrides],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_fast_dev_run_composed_with_hydra(smoke_cfg):
@@ -83,6 +96,44 @@ def test_bad_config_fails_before_training(smoke_cfg, override, error, message):
     with pytest.raises(error, match=message):
         train(smoke_cfg(override))
     assert not (Path(smoke_cfg().output_dir) / "checkpoints").exists()
+
+
+def test_the_app_logs_its_run_folder_tensorboard_command_checkpoint_and_wall_time(tmp_path):
+    run = tmp_path / "run"
+    result = run_train_app(tmp_path, "trainer.max_steps=4", "callbacks.samples.every_n_steps=0",
+                           "trainer.limit_val_batches=0", f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (run / "train.log").read_text()
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    for message in (f"Run folder: {run}\n", f"TensorBoard: tensorboard --logdir {run}\n", f"Checkpoint: {checkpoint}\n",
+                    "Wall time: 0:00:"):
+        assert message in log and message in result.stdout, message
+    assert "`Trainer.fit` stopped: `max_steps=4` reached" in log  # Lightning's messages too
+
+
+def test_a_failed_config_check_leaves_no_run_folder(tmp_path):
+    result = run_train_app(tmp_path, "data.size=18")  # the default run folder: runs/shapes_smoke/<time>
+    assert result.returncode != 0 and "data.size=18 is not divisible" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_a_run_folder_without_outputs_is_removed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "kept").mkdir(parents=True)
+    for name in ("a", "b"):
+        folder = tmp_path / "runs" / "x" / name
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "config.yaml").write_text("seed: 0\n")
+        (folder / "train.log").write_text("Run folder: ...\n")
+    (tmp_path / "runs" / "x" / "b" / "checkpoints").mkdir()
+    assert not remove_unused_run_folder(tmp_path / "runs" / "x" / "b")
+    assert remove_unused_run_folder(tmp_path / "runs" / "x" / "a")
+    assert sorted(p.name for p in (tmp_path / "runs" / "x").iterdir()) == ["b"]
+    assert not remove_unused_run_folder(tmp_path)  # never the working directory
+    (tmp_path / "runs" / "x" / "b" / "checkpoints").rmdir()
+    assert remove_unused_run_folder(tmp_path / "runs" / "x" / "b")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["kept"]  # the parents it empties go too
 
 
 def test_muon_with_fsdp_is_refused_before_training(smoke_cfg):
