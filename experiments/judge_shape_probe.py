@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 
 import torch
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=".cache/lightning_tmd")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # e.g. that a judge is trained first
     started = time.perf_counter()
     torch.set_num_threads(2)
 

@@ -23,7 +23,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_tmd.app import CONFIG_DIR
+from lightning_tmd.app import CONFIG_DIR, log_lightning_into_run_log
 from lightning_tmd.checks import check_device, check_positive
 from lightning_tmd.data.datamodule import VAL_START
 from lightning_tmd.data.shapes import ShapesDataset, clip_key, clip_settings, stacked
@@ -252,6 +252,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    log_lightning_into_run_log()  # the judge's training, when it is trained here
     evaluate(cfg)
 
 

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from lightning_tmd.data.shapes import DEFAULT_SPEED, ShapesDataset, stacked
 from lightning_tmd.metrics.judge import (
     JudgeFeatures,
+    ensure_judge,
     judge_accuracy,
     judge_file_name,
     load_judge,
@@ -58,6 +60,17 @@ def test_cached_judge_loads_and_refuses_other_clip_settings(tiny_judge):
         load_judge(path, {"frames": 4, "size": 16, "max_objects": 2, "speed": 0.09})
     with pytest.raises(FileNotFoundError, match="judge.path"):
         load_judge(path.parent / "missing.pt")
+
+
+def test_training_the_judge_is_announced_once_with_its_expected_time(tmp_path, caplog):
+    path = tmp_path / "judge.pt"
+    settings = dict(steps=2, batch_size=4, width=8, num_features=16, num_val=16)
+    with caplog.at_level(logging.INFO, logger="lightning_tmd.metrics.judge"):
+        ensure_judge(path, 4, 16, 1, **settings)
+        ensure_judge(path, 4, 16, 1, **settings)  # cached: loaded, not trained again
+    (announcement,) = [r.getMessage() for r in caplog.records if r.name == "lightning_tmd.metrics.judge"]
+    assert announcement.startswith("Training the shapes judge first (original, 2 steps of batch 4 on 4 x 16 x 16")
+    assert "expected time under a minute" in announcement and str(path) in announcement
 
 
 def test_judges_cached_without_a_speed_count_as_the_default_speed(tiny_judge, tmp_path):
