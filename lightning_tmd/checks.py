@@ -225,7 +225,7 @@ def check_dmd(cfg: DictConfig, model: dict) -> None:
             "stage=kd experiment=shapes_kd")
     checkpoint = check_matching_checkpoint(cfg, "stage.module.student_ckpt", path, hint)
     trained_stage = checkpoint.get("run_config", {}).get("stage", {}).get("name")
-    if trained_stage == "teacher":
+    if trained_stage == "teacher" and student.kind == "tmd":  # a one-pass student may start from the teacher
         raise ValueError(f"stage.module.student_ckpt holds a teacher (stage=teacher), not a student. {hint}, and "
                          "pass the teacher as stage.module.teacher_ckpt")
     trained = checkpoint["hyper_parameters"]
