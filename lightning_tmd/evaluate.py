@@ -189,7 +189,8 @@ def markdown_table(rows: list[dict[str, Any]], notes: str = "") -> str:
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run the evaluation; write metrics.json and table.md into `cfg.out_dir`; return the rows."""
     started = time.perf_counter()
-    if isinstance(cfg.num_samples, bool) or not isinstance(cfg.num_samples, int) or cfg.num_samples < 2:
+    check_positive("num_samples", cfg.num_samples)
+    if cfg.num_samples < 2:
         raise ValueError(f"num_samples={cfg.num_samples!r}: FVD-shapes needs at least 2 clips per set (256 for the "
                          "committed tables)")
     check_positive("batch_size", cfg.batch_size)

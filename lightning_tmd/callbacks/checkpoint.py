@@ -104,7 +104,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(temporary, path)
             fsync_folder(path.parent)
             for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
-                stale.unlink(missing_ok=True)
+                remove_quietly(stale)
         except OSError as error:
             remove_quietly(temporary)
             raise CheckpointSaveError(f"could not write the checkpoint {path}: {error}. Free space or fix the "

@@ -62,9 +62,10 @@ class TeacherPairsDataModule(ShapesDataModule):
             raise FileNotFoundError(f"data.teacher_ckpt: no teacher checkpoint at '{teacher}'. Train it first: "
                                     "python -m lightning_tmd.train stage=teacher experiment=shapes_teacher")
         if self.sampler["guidance_scale"] is None:
+            from lightning_tmd.callbacks.checkpoint import read_checkpoint
             from lightning_tmd.modules.teacher import sampling_guidance
 
-            checkpoint = torch.load(teacher, map_location="cpu", weights_only=False)
+            checkpoint = read_checkpoint("data.teacher_ckpt", teacher)
             self.sampler["guidance_scale"] = sampling_guidance(checkpoint)
         stat = teacher.stat()
         key = {"teacher": [str(teacher.resolve()), stat.st_size, stat.st_mtime_ns], "sampler": self.sampler,

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lightning_tmd.callbacks.checkpoint import read_checkpoint
 from lightning_tmd.losses import discriminator_loss, generator_gan_loss, vsd_gradient, vsd_loss_along
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.modules.critic import CriticModule
@@ -131,7 +132,7 @@ class DMDModule(L.LightningModule):
         own checkpoint)."""
         hp = self.hparams
         teacher = TeacherModule(hp.model, ema_decay=None)
-        checkpoint = torch.load(hp.teacher_ckpt, map_location="cpu", weights_only=False) if hp.teacher_ckpt else {}
+        checkpoint = read_checkpoint("stage.module.teacher_ckpt", hp.teacher_ckpt) if hp.teacher_ckpt else {}
         teacher_weights = sampling_weights(checkpoint["state_dict"]) if checkpoint else None
         if hp.guidance_scale is None:
             self.real_guidance = sampling_guidance(checkpoint)
