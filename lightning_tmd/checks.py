@@ -60,8 +60,8 @@ def check_values(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Config combinations that cannot work: raise before data, models or trainers are built."""
+    model = model_settings(cfg)  # first: a Wan config without its weights folder says so before anything else
     check_values(cfg)
-    model = model_settings(cfg)
     pt, ph, pw = model["patch_size"]
     frames, size = cfg.data.get("frames"), cfg.data.get("size")
     if size is not None and (size % ph or size % pw):
