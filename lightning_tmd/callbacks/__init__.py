@@ -1,11 +1,12 @@
 """Lightning callbacks the library lacks: sample videos, RNG state and the run config in checkpoints, a
-final-step last.ckpt, and the non-finite guard."""
+final-step last.ckpt, the non-finite guard, and a checkpoint on SIGTERM / Ctrl+C."""
 
 from lightning_tmd.callbacks.checkpoint import AtomicCheckpointIO, CheckpointSaveError, RunCheckpoint
 from lightning_tmd.callbacks.config import ConfigInCheckpoint
 from lightning_tmd.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
+from lightning_tmd.callbacks.preemption import RunInterrupted, StopOnSignal
 from lightning_tmd.callbacks.rng import RNGStateCheckpoint
 from lightning_tmd.callbacks.samples import SampleVideos
 
 __all__ = ["AtomicCheckpointIO", "CheckpointSaveError", "ConfigInCheckpoint", "NonFiniteError", "NonFiniteGuard",
-           "RNGStateCheckpoint", "RunCheckpoint", "SampleVideos"]
+           "RNGStateCheckpoint", "RunCheckpoint", "RunInterrupted", "SampleVideos", "StopOnSignal"]
