@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -45,6 +46,9 @@ class StopOnSignal(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.received, self.trainer = (signal.SIGTERM if trainer.received_sigterm else None), trainer
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            log.warning("training runs outside the main thread: SIGTERM / Ctrl+C will not save a checkpoint")
+            return
         for signum in self.signals:
             self.previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self.handle)
