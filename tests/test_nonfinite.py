@@ -81,8 +81,14 @@ def test_saving_a_nonfinite_weight_is_refused():
     guard = NonFiniteGuard()
     state = {"state_dict": {"net.a": torch.ones(3), "net.b": torch.tensor([1.0, float("inf")])}}
 
+    class Strategy:  # one process: the decision is this rank's
+        @staticmethod
+        def reduce_boolean_decision(decision, all=True):
+            return decision
+
     class Trainer:
         global_step = 7
+        strategy = Strategy()
 
     with pytest.raises(NonFiniteError, match="'net.b' is not finite"):
         guard.on_save_checkpoint(Trainer(), None, state)

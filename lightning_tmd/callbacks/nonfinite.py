@@ -61,9 +61,10 @@ class NonFiniteGuard(Callback):
                 "callbacks.nonfinite.max_consecutive sets the tolerance.")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        key = first_nonfinite(checkpoint.get("state_dict", {}))
-        if key is not None:
-            raise NonFiniteError(f"refusing to save a checkpoint at step {trainer.global_step}: weight {key!r} is "
+        key = first_nonfinite(checkpoint.get("state_dict", {}))  # this rank's shards
+        if trainer.strategy.reduce_boolean_decision(key is not None, all=False):  # every rank refuses together
+            where = f"weight {key!r}" if key is not None else "a weight on another rank"
+            raise NonFiniteError(f"refusing to save a checkpoint at step {trainer.global_step}: {where} is "
                                  "not finite; the last checkpoint on disk is intact.")
 
     def state_dict(self) -> dict[str, int]:
