@@ -216,6 +216,68 @@ def test_no_video_long_enough_is_an_error(wan_folder, videos, tmp_path):
     assert len(json.loads((tmp_path / "out" / "meta.json").read_text())["skipped"]) == 5
 
 
+
+def write_captions(path: Path, captions: dict[str, str]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "caption"])
+        writer.writerows(captions.items())
+    return path
+
+
+def bad_videos(folder: Path, good: Path) -> dict[str, str]:
+    """An empty file, a text file and a truncated video, all named .mp4; their captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "b_empty.mp4").write_bytes(b"")
+    (folder / "b_text.mp4").write_text("not a video\n")
+    data = good.read_bytes()
+    (folder / "b_truncated.mp4").write_bytes(data[: len(data) // 2])
+    return {"b_empty.mp4": "a red circle", "b_text.mp4": "a blue circle", "b_truncated.mp4": "a blue square"}
+
+
+def test_unusable_videos_are_skipped_listed_and_picked_up_once_replaced(wan_folder, videos, tmp_path, monkeypatch,
+                                                                         caplog):
+    source, _ = videos
+    folder = tmp_path / "videos"
+    captions = bad_videos(folder, source / "a1.mp4") | {"a0.mp4": CAPTIONS["a0.mp4"], "a2.mp4": CAPTIONS["a2.mp4"],
+                                                       "a3.mp4": ""}  # a3: no caption
+    for name in ("a0.mp4", "a2.mp4", "a3.mp4"):
+        shutil.copy(source / name, folder / name)
+    csv_path = write_captions(tmp_path / "captions.csv", captions)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="lightning_tmd.data.preprocess"):
+        meta = preprocess(preprocess_cfg(wan_folder, folder, csv_path, out))
+    assert meta["num_clips"] == 2 and meta == json.loads((out / "meta.json").read_text())
+    files = [f for s in meta["shards"] for f in json.loads(tensors(out / s["name"])["metadata"]["files"])]
+    assert files == ["a0.mp4", "a2.mp4"]
+    reasons = {s["file"]: s["reason"] for s in meta["skipped"]}
+    assert reasons["a3.mp4"] == "empty caption: write one in the captions file"
+    assert reasons["b_empty.mp4"] == "empty file (0 bytes)"
+    assert reasons["b_text.mp4"].startswith("not a readable video: ")
+    assert reasons["b_truncated.mp4"].startswith("not a readable video: ")
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped 4 of 6 videos")]
+    assert len(summary) == 1 and "b_empty.mp4: empty file (0 bytes); b_text.mp4: not a readable video" in summary[0]
+
+    encoded = []
+    encode = WanVAECodec.encode
+    monkeypatch.setattr(WanVAECodec, "encode", lambda self, v: encoded.append(len(v)) or encode(self, v))
+    preprocess(preprocess_cfg(wan_folder, folder, csv_path, out))
+    assert encoded == []  # nothing changed: every shard kept
+    shutil.copy(source / "a1.mp4", folder / "b_truncated.mp4")  # the truncated video replaced by a whole one
+    meta = preprocess(preprocess_cfg(wan_folder, folder, csv_path, out))
+    assert encoded == [1] and meta["num_clips"] == 3
+    assert sorted(s["file"] for s in meta["skipped"]) == ["a3.mp4", "b_empty.mp4", "b_text.mp4"]
+
+
+def test_only_unusable_videos_is_an_error_naming_the_folder(wan_folder, videos, tmp_path):
+    source, _ = videos
+    folder = tmp_path / "videos"
+    csv_path = write_captions(tmp_path / "captions.csv", bad_videos(folder, source / "a1.mp4"))
+    with pytest.raises(ValueError, match=f"videos: none of the 3 videos listed for '{folder}' could be used: "
+                                         "b_empty.mp4: empty file \\(0 bytes\\); b_text.mp4: not a readable"):
+        preprocess(preprocess_cfg(wan_folder, folder, csv_path, tmp_path / "out"))
+    assert len(json.loads((tmp_path / "out" / "meta.json").read_text())["skipped"]) == 3
+
 # -- the DataModule ----------------------------------------------------------------------------------
 def test_datamodule_batches_splits_and_prompts(shards):
     dm = LatentsDataModule(str(shards), num_val=1, batch_size=2, expected_latent_shape=list(LATENT_SHAPE),

@@ -5,10 +5,13 @@
 
 Captions: a CSV with columns `file,caption` or JSON lines with keys `file`, `caption`; `file` is relative
 to the videos folder. Each video gives one clip: frames 0, s, 2s, ... (s = frame_stride), scaled to cover
-height x width and centre-cropped. Videos with too few frames are skipped and listed (log, shard
-metadata, meta.json). Clips are assigned to shards in sorted (file, caption) order, and each shard is
-written atomically, so a killed run re-run with the same arguments keeps the valid shards and writes
-the rest. The folder layout is described in `lightning_tmd.data.latents`.
+height x width and centre-cropped. A video that cannot be used (an empty or unreadable file, too few
+frames, an empty caption) is skipped and listed with the reason: in the log, in its shard's metadata and
+under "skipped" in meta.json; the run fails, naming the videos folder, only when every video is skipped.
+Clips are assigned to shards in sorted (file, caption) order, and each shard is written atomically, so a
+killed run re-run with the same arguments keeps the valid shards and writes the rest (a shard is written
+again when one of its skipped videos has been replaced since). The folder layout is described in
+`lightning_tmd.data.latents`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import csv
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +83,7 @@ def read_captions(path: str | Path) -> list[CaptionedVideo]:
                              "file,caption and a JSONL line the keys file and caption")
     if not rows:
         raise ValueError(f"captions: '{path}' lists no videos")
-    return sorted(CaptionedVideo(str(row["file"]), str(row["caption"])) for row in rows)
+    return sorted(CaptionedVideo(str(row["file"]), str(row["caption"] or "")) for row in rows)
 
 
 def check_videos_exist(items: list[CaptionedVideo], folder: Path) -> None:
@@ -107,6 +111,53 @@ def read_frames(path: Path, count: int, stride: int) -> tuple[np.ndarray, int]:
     finally:
         reader.close()
     return (np.stack(frames) if frames else np.zeros((0, 1, 1, 3), np.uint8)), seen
+
+
+def file_stamp(path: Path) -> list[int]:
+    """Size and modification time of a file: whether a skipped video has been replaced since."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def decode_error(err: Exception) -> str:
+    """One line for a video that the decoder refused: the reader's message and ffmpeg's last line."""
+    lines = [re.sub(r"^\[[^]]*\]\s*", "", line.strip()) for line in str(err).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("===")]
+    if not lines:
+        return type(err).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} (ffmpeg: {lines[-1]})"
+
+
+def read_item(item: CaptionedVideo, videos: Path, cfg: DictConfig) -> tuple[np.ndarray | None, dict | None]:
+    """The frames of one listed video, or None and the record of why it is skipped."""
+    if not item.caption.strip():
+        return None, {"file": item.file, "caption": item.caption,
+                      "reason": "empty caption: write one in the captions file"}
+    path = videos / item.file
+    stamp = file_stamp(path)
+    record = {"file": item.file, "caption": item.caption, "stamp": stamp}
+    if stamp[0] == 0:
+        return None, record | {"reason": "empty file (0 bytes)"}
+    try:
+        raw, seen = read_frames(path, cfg.frames, cfg.frame_stride)
+    except Exception as err:  # imageio raises OSError, RuntimeError, ... for what ffmpeg cannot decode
+        return None, record | {"reason": f"not a readable video: {decode_error(err)}"}
+    if len(raw) < cfg.frames:
+        needed = (cfg.frames - 1) * cfg.frame_stride + 1
+        reason = f"{seen} frames, {needed} needed (frames={cfg.frames}, frame_stride={cfg.frame_stride})"
+        return None, record | {"reason": reason, "frames": seen, "needed": needed}
+    return raw, None
+
+
+def skip_reason(record: dict[str, Any]) -> str:
+    """Why a video was skipped (shards written before reasons were recorded list only frame counts)."""
+    return record.get("reason") or f"{record['frames']} frames, {record['needed']} needed"
+
+
+def skip_summary(skipped: list[dict[str, Any]], limit: int = 20) -> str:
+    """'a.mp4: empty file (0 bytes); b.mp4: ...' for the first `limit` skipped videos."""
+    shown = "; ".join(f"{s['file']}: {skip_reason(s)}" for s in skipped[:limit])
+    return shown + (f"; ... ({len(skipped) - limit} more)" if len(skipped) > limit else "")
 
 
 def fit_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -143,9 +194,16 @@ def write_json_atomic(data: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def skipped_unchanged(skipped: list[dict[str, Any]], videos: Path) -> bool:
+    """No skipped video has been replaced (or fixed) since it was skipped."""
+    return all("stamp" not in s or ((videos / s["file"]).is_file() and file_stamp(videos / s["file"]) == s["stamp"])
+               for s in skipped)
+
+
 def shard_is_current(path: Path, items: list[CaptionedVideo], settings: str,
-                     latent_shape: tuple[int, ...], text_shape: tuple[int, int]) -> bool:
-    """The shard exists, reads, was made with these settings and holds exactly `items` (minus skipped)."""
+                     latent_shape: tuple[int, ...], text_shape: tuple[int, int], videos: Path) -> bool:
+    """The shard exists, reads, was made with these settings and holds exactly `items` (minus skipped, which
+    are unchanged since)."""
     try:
         header = read_shard_header(path)
     except (FileNotFoundError, ValueError):
@@ -153,7 +211,8 @@ def shard_is_current(path: Path, items: list[CaptionedVideo], settings: str,
     written = list(zip(header.files, header.captions)) + [(s["file"], s["caption"]) for s in header.skipped]
     return (header.metadata.get("settings") == settings and header.latent_shape == latent_shape
             and (header.text_length, header.text_dim) == text_shape
-            and sorted(written) == [(i.file, i.caption) for i in items])
+            and sorted(written) == [(i.file, i.caption) for i in items]
+            and skipped_unchanged(header.skipped, videos))
 
 
 def batched(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -178,15 +237,13 @@ def encode_shard(items: list[CaptionedVideo], videos: Path, encoders: Encoders, 
                  latent_shape: tuple[int, ...], progress: tqdm) -> tuple[dict[str, torch.Tensor], list[dict], list]:
     """Encode the clips of one shard in batches: (tensors, skipped videos, kept items)."""
     latents, states, masks, kept, skipped = [], [], [], [], []
-    needed = (cfg.frames - 1) * cfg.frame_stride + 1
     for batch in batched(items, cfg.batch_size):
         clips, batch_kept = [], []
         for item in batch:
-            raw, seen = read_frames(videos / item.file, cfg.frames, cfg.frame_stride)
-            if len(raw) < cfg.frames:
-                log.warning("skipped %s: %d frames, %d needed (frames=%d, frame_stride=%d)", item.file, seen, needed,
-                            cfg.frames, cfg.frame_stride)
-                skipped.append({"file": item.file, "caption": item.caption, "frames": seen, "needed": needed})
+            raw, record = read_item(item, videos, cfg)
+            if record is not None:
+                log.warning("skipped %s: %s", item.file, record["reason"])
+                skipped.append(record)
             else:
                 clips.append(fit_frames(raw, cfg.height, cfg.width))
                 batch_kept.append(item)
@@ -291,7 +348,7 @@ def preprocess(cfg: DictConfig) -> dict[str, Any]:
     with tqdm(total=len(items), desc="clips", unit="clip") as progress:
         for index, shard_items in enumerate(batched(items, cfg.shard_size)):
             path = out / shard_name(index)
-            if shard_is_current(path, shard_items, settings, latent_shape, text_shape):
+            if shard_is_current(path, shard_items, settings, latent_shape, text_shape, videos):
                 log.info("%s: already written, kept", path.name)
                 progress.update(len(shard_items))
             else:
@@ -307,8 +364,8 @@ def preprocess(cfg: DictConfig) -> dict[str, Any]:
     if stale:
         log.warning("%s holds shards that this run does not list (from an earlier run): %s", out, ", ".join(stale))
     if skipped:
-        log.warning("skipped %d video(s) with fewer than %d frames: %s", len(skipped),
-                    (cfg.frames - 1) * cfg.frame_stride + 1, ", ".join(s["file"] for s in skipped))
+        log.warning("skipped %d of %d videos (listed under \"skipped\" in %s): %s", len(skipped), len(items),
+                    out / META_FILE, skip_summary(skipped))
     meta = {
         "latent_shape": list(latent_shape), "text_dim": encoders.text.dim, "text_max_length": encoders.text.max_length,
         "height": cfg.height, "width": cfg.width, "frames": cfg.frames, "frame_stride": cfg.frame_stride,
@@ -319,10 +376,20 @@ def preprocess(cfg: DictConfig) -> dict[str, Any]:
     }
     write_json_atomic(meta, out / META_FILE)
     if not meta["num_clips"]:
-        raise ValueError(f"no video in '{videos}' has the {(cfg.frames - 1) * cfg.frame_stride + 1} frames that "
-                         f"frames={cfg.frames}, frame_stride={cfg.frame_stride} need: lower them")
+        raise no_clips_error(skipped, videos, cfg, out / META_FILE)
     log.info("%d clips in %d shards written to %s", meta["num_clips"], len(shards), out)
     return meta
+
+
+def no_clips_error(skipped: list[dict[str, Any]], videos: Path, cfg: DictConfig, meta: Path) -> ValueError:
+    """Every listed video was skipped: too short for the clip settings, or unusable."""
+    needed = (cfg.frames - 1) * cfg.frame_stride + 1
+    if all("needed" in s for s in skipped):
+        return ValueError(f"no video in '{videos}' has the {needed} frames that frames={cfg.frames}, "
+                          f"frame_stride={cfg.frame_stride} need: lower them")
+    return ValueError(f"videos: none of the {len(skipped)} videos listed for '{videos}' could be used: "
+                      f"{skip_summary(skipped, 5)}. Fix or replace them (every reason is under \"skipped\" in "
+                      f"{meta}), then re-run")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="preprocess")
