@@ -1,5 +1,5 @@
-"""Samplers and their cost: the teacher's Euler flow sampler, the TMD sampler (Algorithm 1) and
-effective NFE."""
+"""Samplers and their cost: the teacher's Euler flow sampler, the TMD sampler (Algorithm 1), the one-pass
+step (Eq. 18) and effective NFE; the students' grids and updates are `lightning_tmd.schedulers`'."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_tmd.schedules import broadcast_time
+from lightning_tmd.schedulers import OnePassScheduler, TMDScheduler
 
 if TYPE_CHECKING:
     from lightning_tmd.nets.text import PromptEncoder
@@ -78,9 +78,10 @@ def guided_velocity_fn(cond: VelocityFn, cfg: VelocityFn | None = None,
 
 
 def effective_nfe(outer_steps: int, inner_steps: int, head_blocks: int, num_blocks: int) -> float:
-    """Eq. 16: DiT blocks evaluated / L = M (1 + (N - 1) H / L). One outer step is a full pass
-    (L - H backbone blocks + the first H-block head call); each further inner step adds H / L."""
-    return outer_steps * (1 + (inner_steps - 1) * head_blocks / num_blocks)
+    """Eq. 16, M (1 + (N - 1) H / L), for a TMD student with H of L blocks in its head
+    (`TMDScheduler.effective_nfe`)."""
+    scheduler = TMDScheduler(outer_steps, inner_steps, head_blocks=head_blocks, num_blocks=num_blocks)
+    return scheduler.effective_nfe()
 
 
 @torch.no_grad()
@@ -115,10 +116,9 @@ def noise_seeded_generator(noise: torch.Tensor, device: torch.device | str = "cp
 @torch.no_grad()
 def one_pass_step(net: WanNet, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
                   context: torch.Tensor) -> torch.Tensor:
-    """Eq. 18, the one-pass (DMD2-v) student's outer step: x_{t'} = (1 - t'/t) g(x_t, t) + (t'/t) x_t
-    with g = x_t - t v(x_t, t) (Eq. 17); re-uses the implied noise, no re-noising."""
-    ratio = broadcast_time(t_next / t, x_t)
-    return (1 - ratio) * net.x0(x_t, t, context) + ratio * x_t
+    """Eq. 18, the one-pass (DMD2-v) student's outer step (`OnePassScheduler.outer_step`) from
+    g = x_t - t v(x_t, t) (Eq. 17); re-uses the implied noise, no re-noising."""
+    return OnePassScheduler.outer_step(x_t, t, t_next, net.x0(x_t, t, context))
 
 
 def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:

@@ -210,9 +210,9 @@ class DMDModule(L.LightningModule):
         return t
 
     def student_input(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_{t_i}, t_i, x1) with t_i uniform over the outer grid's points t_1..t_M: noised data, or
-        with `backward_simulation` the student's own no-grad sampler run from x1 down to t_i."""
-        grid = self.student.outer_grid().to(x.device)
+        """(x_{t_i}, t_i, x1) with t_i uniform over the points t_1..t_M of the student scheduler's outer grid:
+        noised data, or with `backward_simulation` the student's own no-grad sampler run from x1 down to t_i."""
+        grid = self.student.scheduler.outer_grid().to(x.device)
         index = torch.randint(len(grid) - 1, (len(x),), device=x.device)
         t, noise = grid[index], torch.randn_like(x)
         self._times["t_student"].append(t.cpu())

@@ -13,7 +13,7 @@ from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.modules.teacher import sampling_state_dict
 from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.sampling import one_pass_step
-from lightning_tmd.schedules import shift_setting, shifted_grid, steps_setting
+from lightning_tmd.schedulers import OnePassScheduler
 
 
 class OnePassStudent(GeneratorModule):
@@ -23,7 +23,8 @@ class OnePassStudent(GeneratorModule):
         model: the teacher's architecture {"path", "config", "dtype", "checkpoint_blocks"}.
         teacher_ckpt: a checkpoint whose sampling weights initialise it at the start of fit (None:
             the weights `model` loads).
-        outer_steps, outer_shift, t_max: M and the shifted outer grid (gamma 10; 5 for 4 steps).
+        outer_steps, outer_shift, t_max: M and the shifted outer grid (gamma 10; 5 for 4 steps): the module's
+            `self.scheduler` (a `OnePassScheduler`).
         lr, betas, weight_decay, warmup_steps, lr_schedule, min_lr_ratio, ema_decay: for KD training.
     """
 
@@ -37,19 +38,19 @@ class OnePassStudent(GeneratorModule):
             raise ValueError(f"outer_steps={outer_steps} must be >= 1")
         self.save_hyperparameters()
         self.net = WanNet.from_settings(model)
+        self.scheduler = OnePassScheduler(outer_steps, outer_shift, t_max)
         self.init_ema(ema_decay)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.teacher_ckpt:
             self.load_teacher(sampling_state_dict(self.hparams.teacher_ckpt))
 
+    # -- grid and cost: the scheduler's (None: the module's M and shift) ----------------------------
     def outer_grid(self, steps: int | None = None, shift: float | None = None) -> torch.Tensor:
-        hp = self.hparams
-        return shifted_grid(steps_setting(steps, hp.outer_steps, "outer_steps"),
-                            shift_setting(shift, hp.outer_shift, "outer_shift"), hp.t_max)
+        return self.scheduler.outer_grid(steps, shift)
 
     def effective_nfe(self, outer_steps: int | None = None, inner_steps: int | None = None) -> float:
-        return float(steps_setting(outer_steps, self.hparams.outer_steps, "outer_steps"))
+        return self.scheduler.effective_nfe(outer_steps)
 
     # -- the generator -------------------------------------------------------------------------
     def generate(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, noise: torch.Tensor | None = None,

@@ -13,16 +13,9 @@ from lightning_tmd.modules.teacher import sampling_state_dict
 from lightning_tmd.nets.tmd_student import CLEAN_ESTIMATES, MainFeature, TMDStudent
 from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.parallel import full_value
-from lightning_tmd.sampling import effective_nfe, noise_seeded_generator, tmd_sample, tmd_step
-from lightning_tmd.schedules import (
-    broadcast_time,
-    grid_floor,
-    interpolate,
-    sample_shifted_uniform,
-    shift_setting,
-    shifted_grid,
-    steps_setting,
-)
+from lightning_tmd.sampling import noise_seeded_generator, tmd_sample, tmd_step
+from lightning_tmd.schedulers import TMDScheduler
+from lightning_tmd.schedules import broadcast_time, grid_floor, interpolate, sample_shifted_uniform
 
 OBJECTIVES = ("tm_meanflow", "tm")
 DERIVATIVES = ("finite_difference", "jvp")
@@ -37,6 +30,7 @@ class StudentModule(GeneratorModule):
         teacher_ckpt: a TeacherModule checkpoint whose (EMA) weights initialise the student at the
             start of fit (None: use the weights `model` loads).
         head_blocks, inner_steps, outer_steps: H, N, M. outer_shift / inner_shift: gamma of the grids.
+            With t_max they make the module's sampling schedule, `self.scheduler` (a `TMDScheduler`).
         fusion: "gated" | "concat". inner_target: "velocity" (y = x1 - x) | "sample" (y = x).
         clean_estimate: "transition" (x_t - t y_hat) | "literal" (x1 - y_hat), used by stage 2.
         objective: "tm_meanflow" or "tm" (r = s for the whole batch).
@@ -65,24 +59,19 @@ class StudentModule(GeneratorModule):
             raise ValueError(f"inner_steps={inner_steps} and outer_steps={outer_steps} must be >= 1")
         self.save_hyperparameters()
         self.net = TMDStudent(WanNet.from_settings(model), head_blocks, fusion, inner_target)
+        self.scheduler = TMDScheduler(outer_steps, inner_steps, outer_shift, inner_shift, head_blocks,
+                                      self.net.num_blocks, t_max)
         self.init_ema(ema_decay)
 
-    # -- grids and cost ----------------------------------------------------------------------
+    # -- grids and cost: the scheduler's (None: the module's M, N and shifts) -------------------
     def outer_grid(self, steps: int | None = None, shift: float | None = None) -> torch.Tensor:
-        hp = self.hparams
-        return shifted_grid(steps_setting(steps, hp.outer_steps, "outer_steps"),
-                            shift_setting(shift, hp.outer_shift, "outer_shift"), hp.t_max)
+        return self.scheduler.outer_grid(steps, shift)
 
     def inner_grid(self, steps: int | None = None, shift: float | None = None) -> torch.Tensor:
-        hp = self.hparams
-        return shifted_grid(steps_setting(steps, hp.inner_steps, "inner_steps"),
-                            shift_setting(shift, hp.inner_shift, "inner_shift"), hp.t_max)
+        return self.scheduler.inner_grid(steps, shift)
 
     def effective_nfe(self, outer_steps: int | None = None, inner_steps: int | None = None) -> float:
-        hp = self.hparams
-        return effective_nfe(steps_setting(outer_steps, hp.outer_steps, "outer_steps"),
-                             steps_setting(inner_steps, hp.inner_steps, "inner_steps"), hp.head_blocks,
-                             self.net.num_blocks)
+        return self.scheduler.effective_nfe(outer_steps, inner_steps)
 
     # -- fit ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -23,6 +23,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 from torch import nn
 
 from lightning_tmd.nets.wan import WanNet, WanTokens, wan_timestep
+from lightning_tmd.schedulers import TMDScheduler
 from lightning_tmd.schedules import broadcast_time
 
 FUSIONS = ("gated", "concat")
@@ -189,11 +190,12 @@ class TMDStudent(nn.Module):
     # -- inner flow and outer step -----------------------------------------------------------
     def rollout(self, main: MainFeature, y1: torch.Tensor, inner_grid: torch.Tensor) -> torch.Tensor:
         """y_hat from N flow-map steps y_r = y_s - (s - r) u_theta(y_s, s, r; m) along `inner_grid`
-        (noise to data), starting at y_{s_N} = y1 and keeping y1 for every step (Eq. 13-14)."""
+        (noise to data), starting at y_{s_N} = y1 and keeping y1 for every step (Eq. 13-14,
+        `TMDScheduler.inner_step`)."""
         y = y1
         ones = torch.ones(len(y1), dtype=torch.float64, device=y1.device)
         for s, r in zip(inner_grid[:-1].tolist(), inner_grid[1:].tolist()):
-            y = y - (s - r) * self.average_velocity(y, s * ones, r * ones, main, y1)
+            y = TMDScheduler.inner_step(y, s, r, self.average_velocity(y, s * ones, r * ones, main, y1))
         return y
 
     def outer_velocity(self, x_t: torch.Tensor, t: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
@@ -204,8 +206,8 @@ class TMDStudent(nn.Module):
 
     def transition(self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
                    y_hat: torch.Tensor) -> torch.Tensor:
-        """x_{t'} = x_t - (t - t') y (Eq. 4)."""
-        return x_t - broadcast_time(t - t_next, x_t) * self.outer_velocity(x_t, t, y_hat)
+        """x_{t'} = x_t - (t - t') y (Eq. 4, `TMDScheduler.outer_step`)."""
+        return TMDScheduler.outer_step(x_t, t, t_next, self.outer_velocity(x_t, t, y_hat))
 
     def clean_estimate(self, x_t: torch.Tensor, t: torch.Tensor, y_hat: torch.Tensor,
                        kind: str = "transition", noise: torch.Tensor | None = None) -> torch.Tensor:
