@@ -18,14 +18,18 @@ An exported folder (written by `python -m lightning_tmd.export`) holds:
     student/diffusion_pytorch_model.safetensors
                                 the sampling weights (EMA when the run kept one) and the negative
                                 prompt's embedding
+    scheduler/scheduler_config.json
+                                the sampler: TMDScheduler (default M, N, grid shifts, H and L) or
+                                OnePassScheduler (default M, shift); a folder exported without one
+                                samples with the scheduler of student/config.json's settings
     text_encoder/, tokenizer/   the run's transformers text encoder (MiniLM, UMT5), when exported
     vae/                        AutoencoderKLWan, for students of a latent space
     run_config.yaml             the training run's resolved config (provenance; read by `sample`)
 
 TMD students sample with Algorithm 1 (`sampling.tmd_step`), one-pass DMD2-v students with Eq. 18
-(`sampling.one_pass_step`); neither uses CFG (guidance is distilled in). The inner noise comes from
-`generator` when it is one `torch.Generator`; otherwise it is seeded by the starting noise, as in
-`StudentModule.sample`, so given latents always give the same clips.
+(`sampling.one_pass_step`), on the grids of the pipeline's `scheduler`; neither uses CFG (guidance is
+distilled in). The inner noise comes from `generator` when it is one `torch.Generator`; otherwise it is
+seeded by the starting noise, as in `StudentModule.sample`, so given latents always give the same clips.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ from lightning_tmd.nets.codec import WanVAECodec
 from lightning_tmd.nets.text import TextEmbedding, VocabTextEncoder, encode_with_transformers
 from lightning_tmd.nets.tmd_student import TMDStudent
 from lightning_tmd.nets.wan import WanNet
-from lightning_tmd.sampling import effective_nfe, noise_seeded_generator, one_pass_step, tmd_step
-from lightning_tmd.schedules import shift_setting, shifted_grid, steps_setting
+from lightning_tmd.sampling import noise_seeded_generator, one_pass_step, tmd_step
+from lightning_tmd.schedulers import OnePassScheduler, TMDScheduler
 
 STUDENT_KINDS = ("tmd", "one_pass")
 TEXT_KINDS = ("vocab", "transformers", "embeddings")  # how the run embedded prompts
@@ -106,34 +110,33 @@ class TMDStudentModel(ModelMixin, ConfigMixin):
         """The dtype the net runs in (that of its patch embedding; Wan keeps some modules in fp32)."""
         return self.wan.transformer.patch_embedding.weight.dtype
 
-    def outer_grid(self, steps: int | None = None, shift: float | None = None) -> torch.Tensor:
+    def default_scheduler(self) -> TMDScheduler | OnePassScheduler:
+        """The scheduler of the sampler settings in this config (default M, N, shifts, t_max; H and L)."""
         c = self.config
-        return shifted_grid(steps_setting(steps, c.outer_steps, "outer_steps"),
-                            shift_setting(shift, c.outer_shift, "outer_shift"), c.t_max)
+        if c.kind == "tmd":
+            return TMDScheduler(c.outer_steps, c.inner_steps, c.outer_shift, c.inner_shift, c.head_blocks,
+                                self.wan.num_blocks, c.t_max)
+        return OnePassScheduler(c.outer_steps, c.outer_shift, c.t_max)
 
-    def inner_grid(self, steps: int | None = None, shift: float | None = None) -> torch.Tensor | None:
-        """The TMD head's inner grid (None for a one-pass student)."""
-        c = self.config
-        if c.kind != "tmd":
-            return None
-        return shifted_grid(steps_setting(steps, c.inner_steps, "inner_steps"),
-                            shift_setting(shift, c.inner_shift, "inner_shift"), c.t_max)
-
-    def effective_nfe(self, outer_steps: int | None = None, inner_steps: int | None = None) -> float:
-        """M (1 + (N - 1) H / L) for TMD (Eq. 16), M for a one-pass student."""
-        c = self.config
-        if c.kind != "tmd":
-            return float(steps_setting(outer_steps, c.outer_steps, "outer_steps"))
-        return effective_nfe(steps_setting(outer_steps, c.outer_steps, "outer_steps"),
-                             steps_setting(inner_steps, c.inner_steps, "inner_steps"), c.head_blocks,
-                             self.wan.num_blocks)
+    def check_scheduler(self, scheduler: TMDScheduler | OnePassScheduler) -> None:
+        """A scheduler of this student's kind (TMD: with its H and L, which the effective NFE counts)."""
+        expected = TMDScheduler if self.config.kind == "tmd" else OnePassScheduler
+        if not isinstance(scheduler, expected):
+            raise ValueError(f"scheduler: a {self.config.kind} student samples with a {expected.__name__}, "
+                             f"got {type(scheduler).__name__}")
+        if expected is TMDScheduler:
+            ours = (self.config.head_blocks, self.wan.num_blocks)
+            theirs = (scheduler.config.head_blocks, scheduler.config.num_blocks)
+            if theirs != ours:
+                raise ValueError(f"scheduler: (head_blocks, num_blocks) = {theirs} but the student has {ours}")
 
     @torch.no_grad()
     def outer_step(self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, context: torch.Tensor,
-                   inner_grid: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
-        """One outer step of the student's sampler (t, t_next of shape (B,), float64)."""
+                   scheduler: TMDScheduler | OnePassScheduler, generator: torch.Generator | None) -> torch.Tensor:
+        """One outer step of the student's sampler (t, t_next of shape (B,), float64); a TMD student's
+        head runs on the scheduler's inner grid (`set_timesteps`)."""
         if self.config.kind == "tmd":
-            return tmd_step(self.net, x_t, t, t_next, context, inner_grid, generator)
+            return tmd_step(self.net, x_t, t, t_next, context, scheduler.inner_timesteps, generator)
         return one_pass_step(self.net, x_t, t, t_next, context)
 
 
@@ -154,15 +157,20 @@ class TMDPipeline(DiffusionPipeline):
         text_encoder, tokenizer: the run's transformers text encoder (None: prompts are embedded with the
             student's vocabulary encoder, or must be given as `prompt_embeds`).
         vae: decodes latent-space students' samples (None: the student samples pixels).
+        scheduler: the sampler's grids and defaults, a `TMDScheduler` for a TMD student, a `OnePassScheduler`
+            for a one-pass one (None, e.g. a folder exported without one: `student.default_scheduler()`).
     """
 
     model_cpu_offload_seq = "text_encoder->student->vae"
-    _optional_components = ["text_encoder", "tokenizer", "vae"]
+    _optional_components = ["text_encoder", "tokenizer", "vae", "scheduler"]
 
     def __init__(self, student: TMDStudentModel, text_encoder: Any = None, tokenizer: Any = None,
-                 vae: AutoencoderKLWan | None = None) -> None:
+                 vae: AutoencoderKLWan | None = None, scheduler: TMDScheduler | OnePassScheduler | None = None) -> None:
         super().__init__()
-        self.register_modules(student=student, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
+        scheduler = student.default_scheduler() if scheduler is None else scheduler
+        student.check_scheduler(scheduler)
+        self.register_modules(student=student, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
+                              scheduler=scheduler)
         text = student.config.text
         self.vocab_encoder = (VocabTextEncoder(text["dim"], text["max_length"], text["seed"])
                               if text["kind"] == "vocab" else None)
@@ -241,8 +249,8 @@ class TMDPipeline(DiffusionPipeline):
             prompt / prompt_embeds: captions, or their embeddings (B, S, D) from the run's text encoder.
             negative_prompt_embeds: accepted for the diffusers interface and ignored: the students sample
                 without CFG (the stored negative prompt embedding is `student.negative_prompt_embeds`).
-            outer_steps, inner_steps: M and N (default: the exported ones); N applies to TMD students only.
-            outer_shift, inner_shift: gamma of the outer / inner grid (default: the exported ones).
+            outer_steps, inner_steps: M and N (default: the scheduler's); N applies to TMD students only.
+            outer_shift, inner_shift: gamma of the outer / inner grid (default: the scheduler's).
             num_videos_per_prompt: videos per caption.
             sample_shape: (C, T, H, W) of the sampled tensor (default: the training clips' shape; latents
                 when a VAE decodes them).
@@ -262,16 +270,16 @@ class TMDPipeline(DiffusionPipeline):
                              "the folder has no VAE to decode them; use output_type='latent'")
         device = self._execution_device
         inner_generator = generator if isinstance(generator, torch.Generator) else noise_seeded_generator(x, device)
-        student = self.student
-        outer_grid = student.outer_grid(outer_steps, outer_shift)
-        inner_grid = student.inner_grid(inner_steps, inner_shift)
+        student, scheduler = self.student, self.scheduler
+        scheduler.set_timesteps(outer_steps, inner_steps, device, outer_shift=outer_shift, inner_shift=inner_shift)
+        grid = scheduler.timesteps
         x = x.to(student.compute_dtype)
         ones = torch.ones(len(x), dtype=torch.float64, device=device)
-        with self.progress_bar(total=len(outer_grid) - 1) as progress:
-            for t, t_next in zip(outer_grid[:-1].tolist(), outer_grid[1:].tolist()):
-                x = student.outer_step(x, t * ones, t_next * ones, context, inner_grid, inner_generator)
+        with self.progress_bar(total=scheduler.num_inference_steps) as progress:
+            for t, t_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+                x = student.outer_step(x, t * ones, t_next * ones, context, scheduler, inner_generator)
                 progress.update()
-        nfe = student.effective_nfe(outer_steps, inner_steps)
+        nfe = scheduler.effective_nfe(outer_steps, inner_steps)
         frames = x.float()
         if output_type != "latent":
             frames = self.video_processor.postprocess_video(self.decode(frames), output_type=output_type)
