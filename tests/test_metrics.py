@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lightning_tmd.data.shapes import DEFAULT_SPEED, ShapesDataset, stacked
+from lightning_tmd.metrics import judge as judge_module
 from lightning_tmd.metrics.judge import (
     JudgeFeatures,
     ensure_judge,
@@ -14,6 +15,7 @@ from lightning_tmd.metrics.judge import (
     per_color_targets,
     read_alike,
     shape_confusion,
+    training_key,
 )
 from lightning_tmd.metrics.video import (
     fake_distance,
@@ -84,6 +86,35 @@ def test_judges_cached_without_a_speed_count_as_the_default_speed(tiny_judge, tm
     assert judge_file_name({"frames": 8, "size": 32, "max_objects": 2, "speed": DEFAULT_SPEED}) == "judge_8x32_o2.pt"
     assert judge_file_name({"frames": 8, "size": 32, "max_objects": 2, "speed": 0.09}) == "judge_8x32_o2_v0.09.pt"
 
+
+
+def test_every_setting_that_changes_a_judge_changes_its_file_name(monkeypatch):
+    data = {"frames": 8, "size": 32, "max_objects": 2, "speed": 0.09}
+    default = judge_file_name(data, "outline")
+    assert default == judge_file_name(data, "outline", {"steps": 5000, "batch_size": 32, "seed": 0, "width": 32,
+                                                        "num_features": 128}) == "judge_8x32_o2_v0.09_outline.pt"
+    changed = [{"steps": 1000}, {"batch_size": 16}, {"seed": 1}, {"width": 16}, {"num_features": 64}]
+    names = {judge_file_name(data, "outline", training) for training in changed}
+    assert len(names) == len(changed) and default not in names
+    assert judge_file_name(data, "outline", {"steps": 1000, "seed": 1}) == "judge_8x32_o2_v0.09_outline_s1000_seed1.pt"
+    monkeypatch.setattr(judge_module, "JUDGE_VERSION", 2)  # the judge's recipe changed: cached judges are retrained
+    assert judge_file_name(data, "outline") == "judge_8x32_o2_v0.09_outline_r2.pt"
+
+
+def test_a_cached_judge_of_other_training_settings_is_refused(tiny_judge, tmp_path, monkeypatch):
+    path, _, _ = tiny_judge  # seed 0, 1500 steps of batch 32, width 16, 64 features
+    settings = dict(steps=1500, batch_size=32, width=16, num_features=64)
+    ensure_judge(path, 4, 16, 2, **settings)
+    for other in ({"seed": 1}, {"width": 32}, {"num_features": 128}):
+        with pytest.raises(ValueError, match=next(iter(other))):
+            ensure_judge(path, 4, 16, 2, **settings | other)
+    saved = torch.load(path, weights_only=True)
+    saved["training"] = {k: saved["training"][k] for k in ("variant", "steps", "batch_size")}  # as cached before
+    torch.save(saved, tmp_path / "old.pt")
+    load_judge(tmp_path / "old.pt", training=training_key("original", **settings))
+    monkeypatch.setattr(judge_module, "JUDGE_VERSION", 2)
+    with pytest.raises(ValueError, match="version"):
+        load_judge(tmp_path / "old.pt", training=training_key("original", **settings))
 
 def test_real_clips_adhere_to_their_own_captions(tiny_judge):
     _, net, _ = tiny_judge

@@ -9,6 +9,9 @@ Two variants differ in the clips they are trained on (`JUDGE_VARIANTS`). In the 
 radius serves every shape, so an object's area gives its shape away and a judge trained on those clips
 alone (`original`) may read shape from size. The `outline` judge trains on clips whose objects have random
 areas (`ShapesDataset(object_areas=...)`), so only the outline tells the shapes apart.
+
+A trained judge is cached under a file name that holds every setting it depends on (`judge_file_name`):
+the clip settings, the variant, the training settings and `JUDGE_VERSION`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ NUM_COLORS, NUM_SHAPES, NUM_DIRECTIONS = len(COLOR_NAMES), len(SHAPES), len(DIRE
 JUDGE_VARIANTS: dict[str, tuple[float, float] | None] = {"original": None, "outline": (0.4, 1.3)}
 # measured: 5 000 steps of batch 32 on 8 x 32 x 32 clips take about 9.5 minutes on 2 CPU cores
 JUDGE_MINUTES_PER_STEP_PIXEL = 9.5 / (5000 * 32 * 8 * 32 * 32)
+# of the judge's network, loss and training clips: bump it when one changes, so that cached judges are retrained
+JUDGE_VERSION = 1
+# the training settings of the judges cached before file names held them: a file name leaves these out
+UNNAMED_TRAINING = {"steps": 5000, "batch_size": 32, "seed": 0, "width": 32, "num_features": 128, "version": 1}
+NAME_TAGS = {"steps": "s", "batch_size": "b", "seed": "seed", "width": "w", "num_features": "f", "version": "r"}
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +229,7 @@ def load_judge(path: str | Path, data: dict | None = None,
             raise ValueError(f"judge.path: '{path}' was trained on other clips {mismatched} (cached, wanted): "
                              "retrain it for these data settings")
     if training is not None:
-        cached = {"variant": "original", **saved.get("training", {})}
+        cached = {"variant": "original", "seed": 0, "version": 1, **saved["config"], **saved.get("training", {})}
         mismatched = {k: (cached[k], v) for k, v in training.items() if k in cached and cached[k] != v}
         if mismatched:
             raise ValueError(f"judge: '{path}' was trained with other settings {mismatched} (cached, wanted): set "
@@ -236,12 +244,22 @@ def data_key(frames: int, size: int, max_objects: int, speed: float = DEFAULT_SP
     return {"frames": frames, "size": size, "max_objects": max_objects, "speed": speed}
 
 
-def judge_file_name(data: dict, variant: str = "original") -> str:
-    """judge_<frames>x<size>_o<max_objects>.pt, with _v<speed> when the speed is not the default and
-    _<variant> for a variant other than `original`."""
+def training_key(variant: str = "original", steps: int = 5000, batch_size: int = 32, seed: int = 0,
+                 width: int = 32, num_features: int = 128) -> dict[str, Any]:
+    """Every setting besides the clips that changes a trained judge, and the version of its recipe."""
+    return {"variant": check_variant(variant), "steps": steps, "batch_size": batch_size, "seed": seed,
+            "width": width, "num_features": num_features, "version": JUDGE_VERSION}
+
+
+def judge_file_name(data: dict, variant: str = "original", training: dict[str, int] | None = None) -> str:
+    """judge_<frames>x<size>_o<max_objects>.pt, with _v<speed> when the speed is not the default, _<variant>
+    for a variant other than `original`, and a tag for each setting of `training` (steps, batch_size, seed,
+    width, num_features) and of `JUDGE_VERSION` that differs from `UNNAMED_TRAINING` (e.g. _s1000, _seed1, _r2)."""
+    settings = training_key(variant, **(training or {}))
     speed = "" if data["speed"] == DEFAULT_SPEED else f"_v{data['speed']:g}"
-    suffix = "" if variant == "original" else f"_{check_variant(variant)}"
-    return f"judge_{data['frames']}x{data['size']}_o{data['max_objects']}{speed}{suffix}.pt"
+    suffix = "" if variant == "original" else f"_{variant}"
+    tags = "".join(f"_{tag}{settings[k]}" for k, tag in NAME_TAGS.items() if settings[k] != UNNAMED_TRAINING[k])
+    return f"judge_{data['frames']}x{data['size']}_o{data['max_objects']}{speed}{suffix}{tags}.pt"
 
 
 def check_variant(variant: str) -> str:
@@ -317,7 +335,7 @@ def train_judge(path: str | Path, frames: int = 8, size: int = 32, max_objects: 
         held_out = stacked(ShapesDataset(num_val, start=datamodule.val_set.start + 10_000, seed=seed, frames=frames,
                                          size=size, max_objects=max_objects, speed=speed, object_areas=object_areas))
         accuracy[name] = judge_accuracy(net, held_out["videos"], held_out["labels"])
-    training = {"variant": variant, "steps": steps, "batch_size": batch_size}
+    training = training_key(variant, steps, batch_size, seed, width, num_features)
     save_judge(net, path, data_key(frames, size, max_objects, speed), accuracy["accuracy"], training,
                accuracy_random_areas=accuracy["accuracy_random_areas"])
     return net, accuracy["accuracy"]
@@ -326,9 +344,11 @@ def train_judge(path: str | Path, frames: int = 8, size: int = 32, max_objects: 
 def ensure_judge(path: str | Path, frames: int, size: int, max_objects: int, speed: float = DEFAULT_SPEED,
                  variant: str = "original", steps: int = 5000, batch_size: int = 32,
                  **train_kwargs: Any) -> tuple[ShapesJudgeNet, dict]:
-    """The cached judge for these clip and training settings, trained first if there is none."""
+    """The cached judge for these clip and training settings, trained first if there is none; a judge at
+    `path` trained with other settings is refused (`judge_file_name` gives each its own file)."""
     key = data_key(frames, size, max_objects, speed)
-    training = {"variant": check_variant(variant), "steps": steps, "batch_size": batch_size}
+    named = {k: train_kwargs[k] for k in ("seed", "width", "num_features") if k in train_kwargs}
+    training = training_key(variant, steps, batch_size, **named)
     if not Path(path).is_file():
         minutes = JUDGE_MINUTES_PER_STEP_PIXEL * steps * batch_size * frames * size * size
         expected = f"~{minutes:.0f} min" if minutes >= 1 else "under a minute"
