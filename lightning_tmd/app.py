@@ -1,12 +1,15 @@
 """What the Hydra apps (train, pipeline, sample, evaluate, export, preprocess) share: where their configs are,
-where their log messages go, and the run folder a failed start leaves."""
+where their log messages go, a new run folder per run, and what an earlier run left in a folder."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 
 def config_dir() -> Path:
@@ -35,13 +38,88 @@ def log_lightning_into_run_log() -> None:
         logger.propagate = True
 
 
+_FRESH: dict[str, str] = {}  # the folder fresh_folder gave for each path, once per process
+
+
+def create_fresh_folder(base: Path) -> Path:
+    """Create `base`, else the first of `base_1`, `base_2`, ... that does not exist yet (its parents first).
+    Each `mkdir` is exclusive, so two processes never get the same folder."""
+    if not base.name or base.name in (".", ".."):
+        raise ValueError(f"tmd_fresh: '{base}' names no folder: give a path such as runs/<name>/<time>")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    folder, n = base, 0
+    while True:
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
+            folder = base.with_name(f"{base.name}_{n}")
+
+
+def fresh_folder(path: str) -> str:
+    """The resolver `${tmd_fresh:<path>}` of the default run folders: a folder this process created, `path` or
+    `path_<n>`. The same answer for the same `path` all process long (Hydra may resolve a run dir more than once)."""
+    if path not in _FRESH:
+        folder = create_fresh_folder(Path(path))
+        _FRESH[path] = str(folder)
+    return _FRESH[path]
+
+
+def register_resolvers() -> None:
+    """Register `tmd_fresh` (once; importing this module does it, before any app's Hydra resolves its run dir)."""
+    if not OmegaConf.has_resolver("tmd_fresh"):
+        OmegaConf.register_new_resolver("tmd_fresh", fresh_folder)
+
+
+register_resolvers()
+
+
+def earlier_run_files(folder: Path) -> list[Path]:
+    """What a run folder holds besides Hydra's `.hydra/` and log files (an earlier run's outputs), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name != ".hydra" and p.suffix != ".log")
+
+
+def describe(paths: list[Path], folder: Path, limit: int = 4) -> str:
+    """A few of `paths` relative to `folder` for an error message: `checkpoints/last.ckpt`, `tensorboard/`, ..."""
+    def name(path: Path) -> str:
+        if (path / "last.ckpt").exists():  # a file, or the folder of a sharded checkpoint
+            path = path / "last.ckpt"
+        return path.relative_to(folder).as_posix() + ("/" if path.is_dir() else "")
+
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return ", ".join(name(p) for p in paths[:limit]) + more
+
+
+def remove_paths(paths: Iterable[Path]) -> None:
+    """Delete files and folders (an earlier run's outputs that overwrite=true replaces)."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def check_earlier_outputs(folder: Path, earlier: list[Path], overwrite: bool, default: str) -> None:
+    """Refuse to write into `folder` beside the outputs `earlier` of an earlier run, unless overwrite=true.
+    `default` is the app's folder of new runs (samples, evaluations)."""
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"out_dir: '{folder}' already holds the outputs of an earlier run ({describe(earlier, folder)}): choose "
+            f"another folder (out_dir= or hydra.run.dir=; leave both unset for a new folder under {default}/), or "
+            "pass overwrite=true to replace them")
+
+
 def remove_unused_run_folder(folder: Path) -> bool:
     """Remove a run folder that holds nothing but Hydra's `.hydra/` and log files (an app that failed before it
     wrote anything), then its parents that this leaves empty, up to the working directory. Returns whether it did."""
     folder, cwd = Path(folder).absolute(), Path.cwd().absolute()
     if folder == cwd or folder in cwd.parents or not folder.is_dir():
         return False
-    if any(p.name != ".hydra" and p.suffix != ".log" for p in folder.iterdir()):
+    if earlier_run_files(folder):
         return False
     for handler in list(logging.getLogger().handlers):  # the log file is open (and could not be removed on Windows)
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder:

@@ -7,6 +7,10 @@ FVD-shapes against the real clips of those prompts, prompt adherence and per-att
 the shapes judge, temporal consistency, effective NFE and latency. Generated sets are cached under the
 checkpoint's content hash, so a reference (e.g. the 50-step teacher) is sampled once, even after its run
 folder moves.
+
+The cache lives in `cache_dir`, not in the output folder: a repeated evaluation reuses it wherever it writes.
+An output folder that holds an earlier evaluation's metrics.json or table.md is refused, unless overwrite=true:
+then those two are replaced (and nothing else in the folder is touched, e.g. the pipeline's suite/).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_tmd.app import CONFIG_DIR, log_lightning_into_run_log
+from lightning_tmd.app import CONFIG_DIR, check_earlier_outputs, log_lightning_into_run_log, remove_paths
 from lightning_tmd.checks import check_device, check_positive
 from lightning_tmd.data.datamodule import VAL_START
 from lightning_tmd.data.shapes import ShapesDataset, clip_key, clip_settings, stacked
@@ -57,6 +61,14 @@ COLUMNS = [("model", "model"), ("setting", "setting"), ("nfe", "eff. NFE"), ("fv
            ("path_jitter", "path jitter px ↓"),
            ("clip_score", "CLIP score"), ("lpips_diversity", "LPIPS div."),
            ("latency_s", "s / clip"), ("clips_per_s", "clips / s")]
+
+
+OUTPUTS = ("metrics.json", "table.md")
+
+
+def earlier_evaluation(folder: Path) -> list[Path]:
+    """The outputs of an earlier evaluation in `folder`."""
+    return [folder / name for name in OUTPUTS if (folder / name).exists()]
 
 
 def held_out_set(data: dict[str, int], count: int, offset: int) -> dict[str, Any]:
@@ -195,6 +207,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
                          "committed tables)")
     check_positive("batch_size", cfg.batch_size)
     check_device("device", cfg.device)
+    out = Path(cfg.out_dir)
+    check_earlier_outputs(out, earlier_evaluation(out), cfg.get("overwrite", False), "evaluations")
     cache_dir = Path(cfg.cache_dir)
     models = {name: load_generator(m.ckpt, cfg.device, ema=m.get("ema", True))
               for name, m in (cfg.models or {}).items()}
@@ -226,8 +240,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
             rows.append(row)
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k != "shape_confusion"})
 
-    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_paths(earlier_evaluation(out))  # overwrite=true
     judge_acc = judge_info.get("accuracy", {})
     result = {"rows": rows, "num_samples": n, "seed": cfg.seed, "data": data, "judge": {
         "path": str(judge_path), "variant": variant, "held_out_accuracy": judge_acc,

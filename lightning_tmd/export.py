@@ -25,7 +25,7 @@ from diffusers import AutoencoderKLWan
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_tmd.app import CONFIG_DIR
+from lightning_tmd.app import CONFIG_DIR, describe
 from lightning_tmd.diffusers_pipeline import RUN_CONFIG_FILE, TMDPipeline, TMDStudentModel
 from lightning_tmd.generators import clip_shape, run_config
 from lightning_tmd.modules.dmd import STUDENTS, DMDModule
@@ -168,11 +168,20 @@ def build_student_model(config: dict[str, Any], weights: dict[str, torch.Tensor]
 
 
 def check_out_folder(out: Path, overwrite: bool) -> None:
+    """`out` must be missing, empty or, with overwrite=true, an earlier export (it holds model_index.json): never
+    another folder (a training run, the working directory), which overwrite would delete."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out: '{out}' is a file: choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"out: '{out}' exists and is not empty: choose another folder or pass overwrite=true "
-                              "to replace its content")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "model_index.json").is_file():
+        kind = "a training run" if (out / "checkpoints").is_dir() else "no earlier export"
+        raise FileExistsError(
+            f"out: '{out}' holds {describe(sorted(out.iterdir()), out)} but no model_index.json: it looks like {kind}, "
+            "and overwrite=true only replaces an earlier export: choose another out (a new or empty folder)")
+    if not overwrite:
+        raise FileExistsError(f"out: '{out}' holds an earlier export: choose another folder or pass overwrite=true "
+                              "to replace it")
 
 
 def export(cfg: DictConfig) -> Path:

@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_tmd.app import CONFIG_DIR
+from lightning_tmd.app import CONFIG_DIR, earlier_run_files
 from lightning_tmd.callbacks.checkpoint import loadable, newest_loadable_periodic
 
 KINDS = ("teacher", "stage1", "stage2", "kd", "dmd2v", "dmd2v_1step")
@@ -164,7 +164,7 @@ class Pipeline:
                 self.say(f"{head}: finished earlier, skipped")
                 self.record[stage.name] = {"status": "skipped (finished earlier)"}
                 continue
-            resume = [f"ckpt_path={state}"] if state else []
+            resume = start_overrides(self.stage_dir(stage.name), state)
             self.say(f"{head}: {'resuming from ' + str(state) if state else 'starting'} "
                      f"(expected remaining ~{self.remaining_minutes(i):.0f} min on 2 CPU cores)")
             started = time.perf_counter()
@@ -191,8 +191,8 @@ class Pipeline:
         models = self.evaluation_models()
         (suite_dir / "pipeline.yaml").write_text("# @package _global_\n" + OmegaConf.to_yaml({"models": models}))
         result = subprocess.run([sys.executable, "-m", "lightning_tmd.evaluate", "--config-dir", str(folder),
-                                 "suite=pipeline", f"out_dir={folder}", f"hydra.run.dir={folder}",
-                                 *self.p.evaluation.overrides])
+                                 "suite=pipeline", f"out_dir={folder}", f"hydra.run.dir={folder}", "overwrite=true",
+                                 *self.p.evaluation.overrides])  # overwrite: a re-run replaces the earlier table
         if result.returncode != 0:
             raise SystemExit(result.returncode)
         gif = self.folder / "samples.gif"
@@ -275,6 +275,14 @@ def finished_or_resume(folder: Path, max_steps: int) -> str | Path | None:
     if last is not None:
         return checkpoints / "last.ckpt"
     return newest_loadable_periodic(checkpoints)
+
+
+def start_overrides(folder: Path, state: Path | None) -> list[str]:
+    """How a stage that is not finished starts: resumed from `state`, else afresh, with overwrite=true when an
+    earlier attempt left files in its folder but no checkpoint to resume (killed before its first one)."""
+    if state is not None:
+        return [f"ckpt_path={state}"]
+    return ["overwrite=true"] if earlier_run_files(folder) else []
 
 
 def check_teacher_checkpoint(path: str) -> None:

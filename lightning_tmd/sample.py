@@ -4,6 +4,7 @@
     python -m lightning_tmd.sample ckpt=exports/shapes_tmd +sampler.outer_steps=2 +sampler.inner_steps=4
 
 `samples.pt` holds {"videos": uint8 (N, T, H, W, C), "prompts", "seeds", "sampler", "nfe", "ckpt"}.
+A folder that holds an earlier run's samples is refused, unless overwrite=true: then those are removed first.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import imageio.v2 as imageio
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_tmd.app import CONFIG_DIR
+from lightning_tmd.app import CONFIG_DIR, check_earlier_outputs, remove_paths
 from lightning_tmd.checks import check_device, check_positive
 from lightning_tmd.generators import load_generator
 from lightning_tmd.sampling import sample_clips
@@ -41,6 +42,16 @@ def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit]
 
 
+VIDEO_FILE = re.compile(r"\d{3,}_[a-z0-9_]*\.(gif|mp4)")  # <prompt index>_<slug(prompt)>.<format>
+
+
+def earlier_samples(folder: Path) -> list[Path]:
+    """What an earlier sample run wrote in `folder`: samples.pt, grid.png and its videos (other files are not)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name in ("samples.pt", "grid.png") or VIDEO_FILE.fullmatch(p.name))
+
+
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Generate every (prompt, seed) pair, write the files, return the `samples.pt` content."""
     if cfg.format not in ("gif", "mp4"):
@@ -48,6 +59,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     for key in ("fps", "batch_size", "scale"):
         check_positive(key, cfg[key])
     check_device("device", cfg.device)
+    out = Path(cfg.out_dir)
+    check_earlier_outputs(out, earlier_samples(out), cfg.get("overwrite", False), "samples")
     prompts, seeds = read_prompts(cfg), [int(s) for s in cfg.seeds]
     loaded = load_generator(cfg.ckpt, cfg.device, ema=cfg.get("ema", True))
     pairs = [(p, s) for p in prompts for s in seeds]
@@ -55,7 +68,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     clips, nfe = sample_clips(loaded.module, loaded.prompts, [p for p, _ in pairs], [s for _, s in pairs],
                               loaded.clip_shape, batch_size=cfg.batch_size, progress=True, **sampler)
     frames = to_uint8(clips)  # (N, T, H, W, C)
-    out = Path(cfg.out_dir)
+    remove_paths(earlier_samples(out))  # overwrite=true: no old video stays beside the new ones
     for i, prompt in enumerate(prompts):
         rows = frames[i * len(seeds) : (i + 1) * len(seeds)]
         save_video(video_grid(rows, columns=len(seeds), scale=cfg.scale), out / f"{i:03d}_{slug(prompt)}.{cfg.format}",

@@ -19,7 +19,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_tmd.app import CONFIG_DIR, log_lightning_into_run_log, remove_unused_run_folder
+from lightning_tmd.app import (
+    CONFIG_DIR,
+    describe,
+    earlier_run_files,
+    log_lightning_into_run_log,
+    remove_paths,
+    remove_unused_run_folder,
+)
 from lightning_tmd.callbacks import ConfigInCheckpoint
 from lightning_tmd.checks import check_config, check_text_width
 
@@ -46,10 +53,50 @@ def announce(message: str, *args: Any) -> None:
     log.info(message, *args)
 
 
+def resume_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint to resume the run in `folder` from: its last.ckpt, else its newest periodic one."""
+    checkpoints = folder / "checkpoints"
+    candidates = [checkpoints / "last.ckpt", *sorted(checkpoints.glob("step_*.ckpt"), reverse=True)]
+    return next((path for path in candidates if path.exists()), None)
+
+
+def check_run_folder(cfg: DictConfig) -> None:
+    """A new run (ckpt_path=null) must not write into a folder an earlier run left outputs in: refused, unless
+    overwrite=true, which deletes those outputs (Hydra's `.hydra/` and the logs stay). A resumed run may."""
+    if cfg.get("ckpt_path") or rank_zero_only.rank != 0:  # other ranks: rank 0 decided
+        return
+    folder = Path(cfg.output_dir).absolute()
+    earlier = earlier_run_files(folder)
+    if not earlier:
+        return
+    if not cfg.get("overwrite"):
+        resume = resume_checkpoint(folder)
+        raise FileExistsError(
+            f"output_dir: the run folder '{folder}' already holds an earlier run ({describe(earlier, folder)}): "
+            + (f"resume it with ckpt_path={resume}, " if resume else "")
+            + "choose another folder (hydra.run.dir=<new folder>), or pass overwrite=true to start afresh there "
+            "(this deletes the earlier run's files in it, except Hydra's .hydra/ and the logs)")
+    check_is_run_folder(folder)
+    announce("overwrite=true: deleting the earlier run's %s in %s", describe(earlier, folder, len(earlier)), folder)
+    remove_paths(earlier)
+
+
+def check_is_run_folder(folder: Path) -> None:
+    """overwrite=true deletes an earlier training run (it left checkpoints/ or tensorboard/), never another folder
+    (the working directory, one of its parents, a folder of other files)."""
+    cwd = Path.cwd().absolute()
+    if folder == cwd or folder in cwd.parents or not any((folder / n).is_dir() for n in ("checkpoints", "tensorboard")):
+        raise FileExistsError(
+            f"output_dir: '{folder}' does not look like a training run folder (no checkpoints/ or tensorboard/, or it "
+            "holds the working directory), and overwrite=true only replaces an earlier run: choose another folder "
+            "(hydra.run.dir=<new folder>)")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured stage; returns the final logged metrics."""
     started = time.perf_counter()
     check_config(cfg)
+    check_run_folder(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     check_text_width(datamodule.prompts.dim, cfg)

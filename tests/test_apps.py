@@ -36,6 +36,24 @@ def test_sample_app_writes_videos_grid_and_tensors(smoke_checkpoint, tmp_path):
     assert (again["videos"][0].int() - saved["videos"][1].int()).abs().max() <= 1
 
 
+def test_sampling_twice_into_one_folder_is_refused_unless_overwrite_replaces_every_earlier_output(smoke_checkpoint,
+                                                                                                   tmp_path):
+    args = [f"ckpt={smoke_checkpoint}", f"out_dir={tmp_path}", "seeds=[0]", "+sampler.steps=2"]
+    sample(compose_app("sample", [*args, "prompts=[a red circle moving up,a blue square moving left]"]))
+    (tmp_path / "notes.txt").write_text("not a sample")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    again = [*args, "prompts=[a green triangle moving down]"]
+    with pytest.raises(FileExistsError, match=r"out_dir: .* holds the outputs of an earlier run \(000_a_red_circle_"
+                                              r"moving_up.gif, 001_a_blue_square_moving_left.gif, grid.png, "
+                                              r"samples.pt\).*overwrite=true"):
+        sample(compose_app("sample", again))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    sample(compose_app("sample", [*again, "overwrite=true"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000_a_green_triangle_moving_down.gif", "grid.png",
+                                                          "notes.txt", "samples.pt"]  # no old GIF beside the new one
+    assert torch.load(tmp_path / "samples.pt", weights_only=True)["prompts"] == ["a green triangle moving down"]
+
+
 def test_sample_app_rejects_missing_inputs(smoke_checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="ckpt"):
         sample(compose_app("sample", [f"ckpt={tmp_path / 'none.ckpt'}", f"out_dir={tmp_path}"]))
@@ -80,13 +98,18 @@ def test_evaluate_app_end_to_end(smoke_checkpoint, tiny_judge, tmp_path):
     assert metrics["rows"] == json.loads(json.dumps(rows))
     table = (tmp_path / "table.md").read_text()
     assert "| teacher | one | 2 |" in table and "FVD-shapes" in table
-    # a second run reuses the cached sample sets and gives the same numbers
-    again = evaluate(compose_app("evaluate", overrides))
+    # a second run into the same folder is refused: it would replace metrics.json and table.md
+    with pytest.raises(FileExistsError, match=r"out_dir: .* holds the outputs of an earlier run \(metrics.json, "
+                                              r"table.md\).*overwrite=true"):
+        evaluate(compose_app("evaluate", overrides))
+    assert (tmp_path / "table.md").read_text() == table
+    # with overwrite=true it reuses the cached sample sets (cache_dir is kept) and gives the same numbers
+    again = evaluate(compose_app("evaluate", [*overrides, "overwrite=true"]))
     assert [r["fvd"] for r in again] == [r["fvd"] for r in rows]
     assert len(list((tmp_path / "cache" / "samples").glob("*.pt"))) == 2
     # ... keyed by the checkpoint's content: a copy in another folder hits the same sets
     moved = tmp_path / "moved" / "last.ckpt"
     moved.parent.mkdir()
     shutil.copy(smoke_checkpoint, moved)
-    evaluate(compose_app("evaluate", [f"models.teacher.ckpt={moved}", *overrides[1:]]))
+    evaluate(compose_app("evaluate", [f"models.teacher.ckpt={moved}", *overrides[1:], "overwrite=true"]))
     assert len(list((tmp_path / "cache" / "samples").glob("*.pt"))) == 2

@@ -19,9 +19,10 @@ SMOKE = ["experiment=shapes_smoke", "callbacks.samples.every_n_steps=0", "traine
 
 
 def test_a_checkpoint_folder_that_cannot_be_written_fails_the_run(tmp_path):
-    (tmp_path / "checkpoints").write_text("a file where the folder should be")
+    blocked = tmp_path / "checkpoints"  # outside the run folder: a file there is no earlier run
+    blocked.write_text("a file where the folder should be")
     with pytest.raises(CheckpointSaveError, match="could not write the checkpoint"):
-        train(compose_train(SMOKE, tmp_path))
+        train(compose_train([*SMOKE, f"callbacks.checkpoint.dirpath={blocked}"], tmp_path / "run"))
 
 
 def test_a_full_disk_fails_the_run_and_leaves_no_temporary_file(monkeypatch, tmp_path):

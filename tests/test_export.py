@@ -300,11 +300,16 @@ def test_export_and_pipeline_errors_name_the_fix(stage1, smoke_checkpoint, tmp_p
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="overwrite=true"):
-        export_to(ckpt, busy)
-    assert (busy / "notes.txt").read_text() == "keep me"
-    export_to(ckpt, busy, "overwrite=true")
-    assert not (busy / "notes.txt").exists() and (busy / "model_index.json").is_file()
+    for overwrite in ([], ["overwrite=true"]):  # overwrite=true only replaces an earlier export
+        with pytest.raises(FileExistsError, match="holds notes.txt but no model_index.json.*choose another out"):
+            export_to(ckpt, busy, *overwrite)
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    earlier = export_to(ckpt, tmp_path / "earlier")
+    (earlier / "stale.txt").write_text("of the earlier export")
+    with pytest.raises(FileExistsError, match="holds an earlier export.*overwrite=true"):
+        export_to(ckpt, earlier)
+    export_to(ckpt, earlier, "overwrite=true")
+    assert not (earlier / "stale.txt").exists() and (earlier / "model_index.json").is_file()
     AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[], temperal_downsample=[True],
                      latents_mean=[0.0] * 4, latents_std=[1.0] * 4).save_pretrained(tmp_path / "vae4")
     with pytest.raises(ValueError, match="vae: .* 4 latent channels but the student samples 3"):
@@ -327,6 +332,21 @@ def test_export_and_pipeline_errors_name_the_fix(stage1, smoke_checkpoint, tmp_p
     limit = pipe.student.config.text["max_length"]
     with pytest.warns(UserWarning, match=f"1 of 1 prompt.* limit of {limit} tokens \\(text.encoder.max_length\\)"):
         pipe.embed_prompts([" ".join(["red"] * limit)])
+
+
+def test_export_overwrite_into_a_training_run_is_refused_and_deletes_nothing(stage1, tmp_path):
+    run = tmp_path / "run"
+    for name in ("checkpoints/last.ckpt", "checkpoints/step_0000010.ckpt", "tensorboard/events.out.tfevents.1",
+                 ".hydra/config.yaml", "train.log"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(name)
+    before = sorted(p.relative_to(run).as_posix() for p in run.rglob("*"))
+    with pytest.raises(FileExistsError, match=r"out: '.*run' holds .hydra/, checkpoints/last.ckpt, tensorboard/, "
+                                              r"train.log but no model_index.json: it looks like a training run, and "
+                                              r"overwrite=true only replaces an earlier export: choose another out"):
+        export_to(stage1[0], run, "overwrite=true")
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no partial export beside it
 
 
 def test_a_student_with_position_planes_and_edm_prediction_round_trips_through_save_pretrained(tmp_path):

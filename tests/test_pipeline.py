@@ -17,7 +17,7 @@ from conftest import CONF
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from lightning_tmd.pipeline import Pipeline, pipeline
+from lightning_tmd.pipeline import Pipeline, pipeline, start_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,3 +101,26 @@ def test_a_student_checkpoint_is_no_teacher_and_folders_are_not_mixed(smoke_chec
     # stopping earlier is the same pipeline
     Pipeline(pipeline_cfg(tmp_path, f"pipeline.teacher_ckpt={smoke_checkpoint}", "pipeline.seed=1",
                           "pipeline.until=stage1_m2n2")).check()
+
+
+def test_a_stage_killed_before_its_first_checkpoint_starts_afresh_in_its_folder(smoke_checkpoint, tmp_path):
+    stage = tmp_path / "shapes_quick" / "stage1_m2n2"
+    assert start_overrides(stage, None) == []  # a new folder
+    (stage / ".hydra").mkdir(parents=True)
+    (stage / "train.log").write_text("killed\n")
+    assert start_overrides(stage, None) == []  # Hydra's files only: nothing to overwrite
+    (stage / "tensorboard").mkdir()
+    (stage / "tensorboard" / "events.out.tfevents.1").write_text("the killed attempt")
+    (stage / "checkpoints").mkdir()
+    (stage / "checkpoints" / "last.ckpt").write_bytes(smoke_checkpoint.read_bytes()[:2000])  # killed mid-write
+    assert start_overrides(stage, stage / "checkpoints" / "step_0000005.ckpt") == [
+        f"ckpt_path={stage / 'checkpoints' / 'step_0000005.ckpt'}"]
+    assert start_overrides(stage, None) == ["overwrite=true"]
+
+    result = pipeline(pipeline_cfg(tmp_path, f"pipeline.teacher_ckpt={smoke_checkpoint}", "pipeline.students=[[2,2]]",
+                                   "pipeline.baselines=[]", "pipeline.until=stage1_m2n2",
+                                   'pipeline.overrides.stage1=["trainer.max_steps=2"]'))
+    record = result["stages"]["stage1_m2n2"]
+    assert record["status"] == "trained" and record["resumed_from"] is None
+    assert torch.load(stage / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert not (stage / "tensorboard" / "events.out.tfevents.1").exists()

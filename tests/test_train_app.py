@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
 
-from lightning_tmd.app import remove_unused_run_folder
+import lightning_tmd.app as app
+from lightning_tmd.app import create_fresh_folder, register_resolvers, remove_unused_run_folder
 from lightning_tmd.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,3 +161,80 @@ def test_resumed_run_equals_the_uninterrupted_run(smoke_cfg, tmp_path, optimizer
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_into_a_used_folder_is_refused_a_resume_is_not_and_overwrite_starts_afresh(smoke_cfg, tmp_path):
+    quick = ["callbacks.samples.every_n_steps=0", "trainer.limit_val_batches=0"]
+    train(smoke_cfg(*quick, "trainer.max_steps=2"))
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "train.log").write_text("the first run\n")
+    before = snapshot(tmp_path)
+    last = tmp_path.absolute() / "checkpoints" / "last.ckpt"
+    with pytest.raises(FileExistsError) as refused:
+        train(smoke_cfg(*quick, "trainer.max_steps=3"))
+    message = str(refused.value)
+    for part in (f"output_dir: the run folder '{tmp_path.absolute()}' already holds an earlier run",
+                 "checkpoints/last.ckpt", f"resume it with ckpt_path={last}", "hydra.run.dir=", "overwrite=true"):
+        assert part in message, part
+    assert snapshot(tmp_path) == before  # nothing of the first run touched
+
+    train(smoke_cfg(*quick, "trainer.max_steps=4", f"ckpt_path={last}"))  # resuming in its own folder
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+
+    train(smoke_cfg(*quick, "trainer.max_steps=1", "overwrite=true"))
+    assert torch.load(last, weights_only=False)["global_step"] == 1  # a new run, not a resumed one
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1  # the earlier events are gone
+    assert (tmp_path / "train.log").read_text() == "the first run\n" and (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+def test_overwrite_deletes_only_an_earlier_training_run(smoke_cfg, tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="already holds an earlier run \\(notes.txt\\): choose another folder"):
+        train(smoke_cfg())
+    with pytest.raises(FileExistsError, match="does not look like a training run folder"):
+        train(smoke_cfg("overwrite=true"))
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.chdir(tmp_path)  # never the working directory, even one that holds a run
+    with pytest.raises(FileExistsError, match="holds the working directory"):
+        train(smoke_cfg("overwrite=true"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "notes.txt"]
+
+
+def test_the_app_refuses_a_second_run_in_its_folder_and_keeps_the_first(smoke_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(smoke_cfg("callbacks.samples.every_n_steps=0", "trainer.max_steps=1", f"output_dir={run}"))
+    before = snapshot(run)
+    result = run_train_app(tmp_path, "trainer.max_steps=1", f"hydra.run.dir={run}")
+    assert result.returncode != 0 and "already holds an earlier run (checkpoints/last.ckpt" in result.stderr
+    after = snapshot(run)
+    assert {k: v for k, v in after.items() if not k.startswith(".hydra/") and k != "train.log"} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the explicit folder: no default one made
+
+
+def test_fresh_folders_are_new_per_process_and_the_same_within_one(tmp_path, monkeypatch):
+    base = tmp_path / "runs" / "smoke" / "2026-01-01_00-00-00"
+    assert create_fresh_folder(base) == base and base.parent.is_dir()
+    assert create_fresh_folder(base) == base.with_name(base.name + "_1")
+    monkeypatch.setattr(app, "_FRESH", {})
+    register_resolvers()  # registering again changes nothing
+    config = OmegaConf.create({"dir": "${tmd_fresh:'" + str(base) + "'}"})
+    first = config.dir
+    assert first == str(base.with_name(base.name + "_2")) and config.dir == first  # one answer per process
+    app._FRESH.clear()  # another process, the same second
+    assert OmegaConf.create({"dir": "${tmd_fresh:'" + str(base) + "'}"}).dir == str(base.with_name(base.name + "_3"))
+
+
+def test_processes_started_in_the_same_second_get_their_own_folders(tmp_path):
+    base = tmp_path / "samples" / "2026-01-01_00-00-00"
+    code = "import sys; from lightning_tmd.app import fresh_folder; print(fresh_folder(sys.argv[1]))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(base)], env=env, stdout=subprocess.PIPE, text=True)
+                 for _ in range(4)]
+    folders = [process.communicate(timeout=120)[0].strip() for process in processes]
+    assert sorted(folders) == [str(base)] + [f"{base}_{n}" for n in (1, 2, 3)]
