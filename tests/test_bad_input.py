@@ -14,6 +14,7 @@ from conftest import compose_train
 from test_apps import compose_app
 
 from lightning_tmd.evaluate import evaluate
+from lightning_tmd.export import export
 from lightning_tmd.generators import load_generator
 from lightning_tmd.sample import sample
 from lightning_tmd.schedules import shift_setting, steps_setting
@@ -74,7 +75,20 @@ def bad_files(folder: Path, teacher: Path) -> dict[str, Path]:
     return files
 
 
-# (what a user gives, app, overrides; {teacher}, {student}, {tmp} and {<bad file>} are filled in; the message regex)
+def used_folders(folder: Path) -> dict[str, Path]:
+    """Folders an earlier run wrote: a training run and a sample run."""
+    files = {"used_run": ["checkpoints/last.ckpt", "tensorboard/events.out.tfevents.1", ".hydra/config.yaml",
+                          "train.log"],
+             "used_samples": ["000_a_red_circle_moving_up.gif", "grid.png", "samples.pt"]}
+    for name, paths in files.items():
+        for path in paths:
+            (folder / name / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name / path).write_text(path)
+    return {name: folder / name for name in files}
+
+
+# (what a user gives, app, overrides; {teacher}, {student}, {tmp}, {<bad file>} and {<used folder>} are filled in;
+# the message regex)
 CASES = [
     ("unknown experiment", "train", ["experiment=nope"], r"experiment/nope"),
     ("misspelled key", "train", ["experiment=shapes_smoke", "trainer.max_step=5"], r"max_step"),
@@ -135,13 +149,19 @@ CASES = [
 CASES += [("train on a GPU without one", "train", ["experiment=shapes_smoke", "trainer.accelerator=gpu"],
            r"trainer.accelerator=gpu but no CUDA GPU"),
           ("sample on a GPU without one", "sample", ["ckpt={teacher}", "device=cuda"], r"device=cuda but no CUDA GPU")]
+CASES += [("a new run into a used run folder", "train", ["experiment=shapes_smoke", "output_dir={used_run}"],
+           r"output_dir: the run folder .* already holds an earlier run .* ckpt_path=.* overwrite=true"),
+          ("sample into a folder of earlier samples", "sample", ["ckpt={teacher}", "out_dir={used_samples}"],
+           r"out_dir: .* already holds the outputs of an earlier run .* overwrite=true"),
+          ("export over a training run", "export", ["ckpt={student}", "out={used_run}", "overwrite=true"],
+           r"out: .* no model_index.json: it looks like a training run, .* choose another out")]
 
 
 def run_case(case, tmp_path: Path, teacher: Path, student: Path) -> str:
     """Run one bad input; return the error message it gets (tmp paths written as <tmp>)."""
     _, app, overrides, _ = case
     files = bad_files(tmp_path / "files", teacher)
-    fill = {"tmp": tmp_path, "teacher": teacher, "student": student, **files}
+    fill = {"tmp": tmp_path, "teacher": teacher, "student": student, **files, **used_folders(tmp_path / "used")}
     overrides = [o.format(**fill) for o in overrides]
     with pytest.raises(Exception) as caught:
         if app == "train":
@@ -149,6 +169,8 @@ def run_case(case, tmp_path: Path, teacher: Path, student: Path) -> str:
         elif app == "sample":
             sample(compose_app("sample", [f"out_dir={tmp_path / 'out'}", "seeds=[0]",
                                           "prompts=[a red circle moving up]", *overrides]))
+        elif app == "export":
+            export(compose_app("export", overrides))
         else:
             evaluate(compose_app("evaluate", [f"out_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}",
                                               *overrides]))
