@@ -269,14 +269,22 @@ def test_unusable_videos_are_skipped_listed_and_picked_up_once_replaced(wan_fold
     assert sorted(s["file"] for s in meta["skipped"]) == ["a3.mp4", "b_empty.mp4", "b_text.mp4"]
 
 
-def test_only_unusable_videos_is_an_error_naming_the_folder(wan_folder, videos, tmp_path):
-    source, _ = videos
-    folder = tmp_path / "videos"
-    csv_path = write_captions(tmp_path / "captions.csv", bad_videos(folder, source / "a1.mp4"))
-    with pytest.raises(ValueError, match=f"videos: none of the 3 videos listed for '{folder}' could be used: "
-                                         "b_empty.mp4: empty file \\(0 bytes\\); b_text.mp4: not a readable"):
+def unusable_videos(folder: Path) -> tuple[Path, Path]:
+    """A videos folder of three unusable videos (empty, text, truncated) and its captions CSV."""
+    folder.mkdir(parents=True, exist_ok=True)
+    imageio.mimsave(folder / "whole.mp4", moving_square(0, 9), fps=8, macro_block_size=1)
+    captions = bad_videos(folder / "videos", folder / "whole.mp4")
+    return folder / "videos", write_captions(folder / "captions.csv", captions)
+
+
+def test_only_unusable_videos_is_an_error_naming_the_folder(wan_folder, tmp_path):
+    folder, csv_path = unusable_videos(tmp_path)
+    with pytest.raises(ValueError, match=f"videos: none of the 3 videos listed for '{folder}' could be used: fix or "
+                                         "replace them, then re-run .*:\n  b_empty.mp4: empty file \\(0 bytes\\)\n"
+                                         "  b_text.mp4: not a readable video: "):
         preprocess(preprocess_cfg(wan_folder, folder, csv_path, tmp_path / "out"))
     assert len(json.loads((tmp_path / "out" / "meta.json").read_text())["skipped"]) == 3
+
 
 # -- the DataModule ----------------------------------------------------------------------------------
 def test_datamodule_batches_splits_and_prompts(shards):

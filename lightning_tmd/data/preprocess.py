@@ -154,10 +154,10 @@ def skip_reason(record: dict[str, Any]) -> str:
     return record.get("reason") or f"{record['frames']} frames, {record['needed']} needed"
 
 
-def skip_summary(skipped: list[dict[str, Any]], limit: int = 20) -> str:
+def skip_summary(skipped: list[dict[str, Any]], limit: int = 20, sep: str = "; ") -> str:
     """'a.mp4: empty file (0 bytes); b.mp4: ...' for the first `limit` skipped videos."""
-    shown = "; ".join(f"{s['file']}: {skip_reason(s)}" for s in skipped[:limit])
-    return shown + (f"; ... ({len(skipped) - limit} more)" if len(skipped) > limit else "")
+    shown = [f"{s['file']}: {skip_reason(s)}" for s in skipped[:limit]]
+    return sep.join(shown + ([f"... ({len(skipped) - limit} more)"] if len(skipped) > limit else []))
 
 
 def fit_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -387,9 +387,9 @@ def no_clips_error(skipped: list[dict[str, Any]], videos: Path, cfg: DictConfig,
     if all("needed" in s for s in skipped):
         return ValueError(f"no video in '{videos}' has the {needed} frames that frames={cfg.frames}, "
                           f"frame_stride={cfg.frame_stride} need: lower them")
-    return ValueError(f"videos: none of the {len(skipped)} videos listed for '{videos}' could be used: "
-                      f"{skip_summary(skipped, 5)}. Fix or replace them (every reason is under \"skipped\" in "
-                      f"{meta}), then re-run")
+    return ValueError(f"videos: none of the {len(skipped)} videos listed for '{videos}' could be used: fix or "
+                      f"replace them, then re-run (each reason is under \"skipped\" in {meta}):\n  "
+                      + skip_summary(skipped, 10, "\n  "))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="preprocess")
