@@ -12,7 +12,9 @@ import pytest
 import torch
 from conftest import compose_train
 from test_apps import compose_app
+from test_latents import tiny_vae, unusable_videos
 
+from lightning_tmd.data.preprocess import preprocess
 from lightning_tmd.evaluate import evaluate
 from lightning_tmd.export import export
 from lightning_tmd.generators import load_generator
@@ -155,6 +157,19 @@ CASES += [("a new run into a used run folder", "train", ["experiment=shapes_smok
            r"out_dir: .* already holds the outputs of an earlier run .* overwrite=true"),
           ("export over a training run", "export", ["ckpt={student}", "out={used_run}", "overwrite=true"],
            r"out: .* no model_index.json: it looks like a training run, .* choose another out")]
+CASES += [("preprocess: no captions file", "preprocess", ["captions={tmp}/none.csv"], r"captions: no file at"),
+          ("preprocess: listed videos missing from the folder", "preprocess", ["videos={tmp}/files"],
+           r"videos: 3 video\(s\) listed in the captions file are missing from"),
+          ("preprocess: every video empty, not a video or truncated", "preprocess", ["videos={tmp}/preprocess/videos"],
+           r"videos: none of the 3 videos listed for .* could be used")]
+
+
+def preprocess_inputs(folder: Path) -> list[str]:
+    """Preprocess overrides: a folder of three unusable videos and its captions, a tiny Wan VAE, vocabulary text."""
+    videos, captions = unusable_videos(folder)
+    tiny_vae().save_pretrained(folder / "wan" / "vae")
+    return [f"videos={videos}", f"captions={captions}", f"out={folder / 'out'}", f"model_path={folder / 'wan'}",
+            "text=vocab", "frames=5", "height=16", "width=16", "device=cpu"]
 
 
 def run_case(case, tmp_path: Path, teacher: Path, student: Path) -> str:
@@ -171,6 +186,8 @@ def run_case(case, tmp_path: Path, teacher: Path, student: Path) -> str:
                                           "prompts=[a red circle moving up]", *overrides]))
         elif app == "export":
             export(compose_app("export", overrides))
+        elif app == "preprocess":
+            preprocess(compose_app("preprocess", [*preprocess_inputs(tmp_path / "preprocess"), *overrides]))
         else:
             evaluate(compose_app("evaluate", [f"out_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}",
                                               *overrides]))
