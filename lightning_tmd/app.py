@@ -8,8 +8,11 @@ import logging
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback as HydraCallback
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
 
 
 def config_dir() -> Path:
@@ -101,6 +104,37 @@ def remove_paths(paths: Iterable[Path]) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def resume_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint to resume the run in `folder` from: its last.ckpt, else its newest periodic one."""
+    checkpoints = folder / "checkpoints"
+    candidates = [checkpoints / "last.ckpt", *sorted(checkpoints.glob("step_*.ckpt"), reverse=True)]
+    return next((path for path in candidates if path.exists()), None)
+
+
+def used_run_folder_error(folder: Path, earlier: list[Path]) -> FileExistsError:
+    """The refusal of a new training run in `folder`, which holds the outputs `earlier` of an earlier run."""
+    resume = resume_checkpoint(folder)
+    return FileExistsError(
+        f"output_dir: the run folder '{folder}' already holds an earlier run ({describe(earlier, folder)}): "
+        + (f"resume it with ckpt_path={resume}, " if resume else "")
+        + "choose another folder (hydra.run.dir=<new folder>), or pass overwrite=true to start afresh there "
+        "(this deletes the earlier run's files in it, except Hydra's .hydra/ and the logs)")
+
+
+class RefuseUsedRunFolder(HydraCallback):
+    """Hydra callback of the train app: a new run into a folder an earlier run left outputs in is refused before
+    Hydra writes its `.hydra/` there, so the earlier run's record stays as it was. (`train.check_run_folder`
+    makes the same check for runs started without Hydra's app, and does what overwrite=true asks.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("ckpt_path") or config.get("overwrite") or rank_zero_only.rank != 0:
+            return
+        folder = Path(config.hydra.run.dir).absolute()
+        earlier = earlier_run_files(folder)
+        if earlier:  # Hydra turns a callback's exceptions into warnings: SystemExit stops the run (exit code 1)
+            raise SystemExit(f"{type(error := used_run_folder_error(folder, earlier)).__name__}: {error}")
 
 
 def check_earlier_outputs(folder: Path, earlier: list[Path], overwrite: bool, default: str) -> None:

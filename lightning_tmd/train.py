@@ -26,6 +26,7 @@ from lightning_tmd.app import (
     log_lightning_into_run_log,
     remove_paths,
     remove_unused_run_folder,
+    used_run_folder_error,
 )
 from lightning_tmd.callbacks import ConfigInCheckpoint
 from lightning_tmd.checks import check_config, check_text_width
@@ -53,13 +54,6 @@ def announce(message: str, *args: Any) -> None:
     log.info(message, *args)
 
 
-def resume_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint to resume the run in `folder` from: its last.ckpt, else its newest periodic one."""
-    checkpoints = folder / "checkpoints"
-    candidates = [checkpoints / "last.ckpt", *sorted(checkpoints.glob("step_*.ckpt"), reverse=True)]
-    return next((path for path in candidates if path.exists()), None)
-
-
 def check_run_folder(cfg: DictConfig) -> None:
     """A new run (ckpt_path=null) must not write into a folder an earlier run left outputs in: refused, unless
     overwrite=true, which deletes those outputs (Hydra's `.hydra/` and the logs stay). A resumed run may."""
@@ -70,12 +64,7 @@ def check_run_folder(cfg: DictConfig) -> None:
     if not earlier:
         return
     if not cfg.get("overwrite"):
-        resume = resume_checkpoint(folder)
-        raise FileExistsError(
-            f"output_dir: the run folder '{folder}' already holds an earlier run ({describe(earlier, folder)}): "
-            + (f"resume it with ckpt_path={resume}, " if resume else "")
-            + "choose another folder (hydra.run.dir=<new folder>), or pass overwrite=true to start afresh there "
-            "(this deletes the earlier run's files in it, except Hydra's .hydra/ and the logs)")
+        raise used_run_folder_error(folder, earlier)
     check_is_run_folder(folder)
     announce("overwrite=true: deleting the earlier run's %s in %s", describe(earlier, folder, len(earlier)), folder)
     remove_paths(earlier)
