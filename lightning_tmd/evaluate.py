@@ -97,7 +97,8 @@ def evaluation_judge(cfg: DictConfig, data: dict, cache_dir: Path) -> tuple[Shap
     clips = (data["frames"], data["size"], data["max_objects"], data["speed"])
     if cfg.judge.path:
         return *load_judge(cfg.judge.path, data_key(*clips)), Path(cfg.judge.path)
-    path = cache_dir / judge_file_name(data, cfg.judge.variant)
+    path = cache_dir / judge_file_name(data, cfg.judge.variant, {"steps": cfg.judge.steps,
+                                                                 "batch_size": cfg.judge.batch_size})
     judge, info = ensure_judge(path, *clips, variant=cfg.judge.variant, steps=cfg.judge.steps,
                                batch_size=cfg.judge.batch_size)
     return judge, info, path
