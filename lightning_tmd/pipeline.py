@@ -15,6 +15,7 @@ folder (`tensorboard --logdir runs/pipeline/<name>`).
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -168,12 +169,11 @@ class Pipeline:
             self.say(f"{head}: {'resuming from ' + str(state) if state else 'starting'} "
                      f"(expected remaining ~{self.remaining_minutes(i):.0f} min on 2 CPU cores)")
             started = time.perf_counter()
-            result = subprocess.run([sys.executable, "-m", "lightning_tmd.train", *self.train_overrides(stage),
-                                     *resume])
-            if result.returncode != 0:
-                self.say(f"{head}: failed with exit code {result.returncode}; fix the cause and run the same command "
-                         "again to resume")
-                raise SystemExit(result.returncode)
+            code = run_stage_process([sys.executable, "-m", "lightning_tmd.train", *self.train_overrides(stage),
+                                      *resume])
+            if code != 0:
+                self.say(f"{head}: {stop_reason(code)}; run the same command again to resume")
+                raise SystemExit(code)
             minutes = (time.perf_counter() - started) / 60
             self.record[stage.name] = {"status": "trained", "minutes": round(minutes, 1),
                                        "resumed_from": str(state) if state else None}
@@ -190,11 +190,12 @@ class Pipeline:
         suite_dir.mkdir(parents=True, exist_ok=True)
         models = self.evaluation_models()
         (suite_dir / "pipeline.yaml").write_text("# @package _global_\n" + OmegaConf.to_yaml({"models": models}))
-        result = subprocess.run([sys.executable, "-m", "lightning_tmd.evaluate", "--config-dir", str(folder),
-                                 "suite=pipeline", f"out_dir={folder}", f"hydra.run.dir={folder}", "overwrite=true",
-                                 *self.p.evaluation.overrides])  # overwrite: a re-run replaces the earlier table
-        if result.returncode != 0:
-            raise SystemExit(result.returncode)
+        code = run_stage_process([sys.executable, "-m", "lightning_tmd.evaluate", "--config-dir", str(folder),
+                                  "suite=pipeline", f"out_dir={folder}", f"hydra.run.dir={folder}", "overwrite=true",
+                                  *self.p.evaluation.overrides])  # overwrite: a re-run replaces the earlier table
+        if code != 0:
+            self.say(f"stage {total} of {total}, evaluation: {stop_reason(code)}; run the same command again")
+            raise SystemExit(code)
         gif = self.folder / "samples.gif"
         self.write_side_by_side(models, gif)
         self.record["evaluation"] = {"status": "evaluated", "minutes": round((time.perf_counter() - started) / 60, 1)}
@@ -245,6 +246,34 @@ class Pipeline:
         (self.folder / "results.md").write_text("\n".join(lines))
         self.say(f"results: {self.folder / 'results.md'}\n{table}")
         return result
+
+
+def run_stage_process(command: list[str]) -> int:
+    """Run a stage in its own process and return its exit code. SIGTERM and SIGINT sent to the pipeline are passed
+    on to it once (it finishes its iteration, saves and stops); it runs in its own session so that a Ctrl+C in the
+    terminal does not reach it twice."""
+    process = subprocess.Popen(command, start_new_session=True)
+
+    def forward(signum: int, frame: Any) -> None:
+        process.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - code if code < 0 else code  # killed by signal k: the shell's 128 + k
+
+
+def stop_reason(code: int) -> str:
+    """What a stage's exit code says: stopped by SIGTERM / SIGINT after saving (128 + signal), killed, or failed."""
+    signum = code - 128
+    if signum in (signal.SIGTERM, signal.SIGINT):
+        return f"stopped by {signal.Signals(signum).name} (exit code {code}) after saving its checkpoint"
+    if signum in {int(s) for s in signal.Signals}:
+        return f"killed by {signal.Signals(signum).name} (exit code {code})"
+    return f"failed with exit code {code}; fix the cause"
 
 
 def command_line() -> str:

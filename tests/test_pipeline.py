@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from conftest import CONF
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from lightning_tmd.pipeline import Pipeline, pipeline, start_overrides
+from lightning_tmd.pipeline import Pipeline, pipeline, run_stage_process, start_overrides, stop_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,3 +125,21 @@ def test_a_stage_killed_before_its_first_checkpoint_starts_afresh_in_its_folder(
     assert record["status"] == "trained" and record["resumed_from"] is None
     assert torch.load(stage / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     assert not (stage / "tensorboard" / "events.out.tfevents.1").exists()
+
+
+def test_a_signal_to_the_pipeline_reaches_the_running_stage_once_and_its_exit_code_comes_back():
+    child = ("import signal, sys, time\n"
+             "got = []\n"
+             "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
+             "deadline = time.time() + 60\n"
+             "while not got and time.time() < deadline: time.sleep(0.05)\n"
+             "time.sleep(0.5)\n"
+             "sys.exit(128 + 15 if len(got) == 1 else 1)\n")
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    code = run_stage_process([sys.executable, "-c", child])
+    assert code == 143 and "stopped by SIGTERM" in stop_reason(code)
+    assert signal.getsignal(signal.SIGTERM) is before
+    killed = run_stage_process([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    assert killed == 137 and stop_reason(killed).startswith("killed by SIGKILL")
+    assert stop_reason(1).startswith("failed with exit code 1")
