@@ -201,7 +201,9 @@ PIPE = "\\|"  # a | inside a markdown table cell
 def render_catalogue(messages: list[str]) -> str:
     lines = ["# Bad input and what it answers", "",
              "Each row is a test case of `tests/test_bad_input.py` (the app, the overrides, the first line of the "
-             "error); every error is raised before any long work starts. Rebuild: "
+             "error); every error is raised before any long work starts (preprocess opens each listed video to "
+             "find the unusable ones: a video that cannot be used is skipped and listed, only a folder without one "
+             "usable video is an error). Rebuild: "
              "`WRITE_DOCS=1 python -m pytest tests/test_bad_input.py -k catalogue`.", "",
              "| input | app | overrides | error |", "|---|---|---|---|"]
     for (name, app, overrides, _), message in zip(CASES, messages):
