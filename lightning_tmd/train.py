@@ -81,6 +81,15 @@ def check_is_run_folder(folder: Path) -> None:
             "(hydra.run.dir=<new folder>)")
 
 
+def objective_value(cfg: DictConfig, metrics: dict[str, float]) -> float:
+    """The value of the metric `cfg.objective` names (what the app returns to a Hydra sweeper)."""
+    name = cfg.get("objective")
+    if name not in metrics:
+        logged = ", ".join(sorted(metrics)) or "none (did it train a step?)"
+        raise ValueError(f"objective: the run logged no metric '{name}'; set objective= to one it logged: {logged}")
+    return metrics[name]
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured stage; returns the final logged metrics."""
     started = time.perf_counter()
@@ -108,10 +117,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
+    """The train app; returns the objective's final value (Hydra's sweepers minimize or maximize it)."""
     log_lightning_into_run_log()
     try:
-        train(cfg)
+        value = objective_value(cfg, train(cfg))
+        announce("Objective %s: %.6g", cfg.objective, value)
+        return value
     except BaseException:  # a failed config check (or any failure before the run wrote anything)
         if rank_zero_only.rank == 0:
             remove_unused_run_folder(Path(HydraConfig.get().runtime.output_dir))
