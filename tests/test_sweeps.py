@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_tmd.train import main, objective_value
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 
 
 def sweep_subfolder(*overrides: str) -> str:
@@ -55,3 +59,43 @@ def test_the_app_returns_its_objective_the_final_logged_metric(smoke_cfg, tmp_pa
 def test_an_objective_the_run_did_not_log_names_the_key_and_the_metrics(smoke_cfg):
     with pytest.raises(ValueError, match="objective: the run logged no metric 'val/fid'.* train/loss"):
         objective_value(smoke_cfg("objective=val/fid"), {"train/loss": 0.5, "train/mse": 0.1})
+
+
+def run_train_app(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m lightning_tmd.train experiment=shapes_smoke ...` of this checkout, run in `cwd`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "lightning_tmd.train", *args, "experiment=shapes_smoke",
+                           "callbacks.samples.every_n_steps=0", "trainer.limit_val_batches=0",
+                           "trainer.log_every_n_steps=1"], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+QUICK = "callbacks.samples.every_n_steps-0+trainer.limit_val_batches-0+trainer.log_every_n_steps-1"  # run_train_app's
+
+
+def test_a_sweep_logs_each_runs_hparams_with_its_final_metrics(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_train_app(tmp_path, "-m", "trainer.max_steps=2,3", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = {steps: sweep / f"{QUICK}+trainer.max_steps-{steps}" for steps in (2, 3)}
+    assert sorted(p for p in sweep.iterdir() if p.is_dir()) == list(jobs.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no default run folder beside it
+    metrics = ["final/train/loss", "final/s_per_iteration", "final/clips_per_s"]
+    for steps in (2, 3):
+        events = EventAccumulator(str(jobs[steps] / "tensorboard"))
+        events.Reload()
+        hparams = events.PluginTagToContent("hparams")
+        assert "_hparams_/session_start_info" in hparams
+        assert all(name.encode() in hparams["_hparams_/experiment"] for name in metrics)
+        assert {*metrics, "perf/s_per_iteration", "perf/clips_per_s"} <= set(events.Tags()["scalars"])
+        assert events.Scalars("final/train/loss")[-1].step == steps
+        assert b"stage/module/lr" in hparams["_hparams_/session_start_info"]  # the config, flattened
+
+
+def test_a_tmd_student_run_logs_its_effective_nfe_with_its_hparams(smoke_student_checkpoint):
+    folder = smoke_student_checkpoint.parent.parent / "tensorboard"
+    step, nfe = last_scalar(folder, "final/effective_nfe")
+    assert step == 5 and nfe > 0
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    assert b"final/effective_nfe" in events.PluginTagToContent("hparams")["_hparams_/experiment"]

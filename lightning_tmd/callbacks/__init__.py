@@ -1,5 +1,5 @@
 """Lightning callbacks the library lacks: sample videos, RNG state and the run config in checkpoints, a
-final-step last.ckpt, the non-finite guard, and a checkpoint on SIGTERM / Ctrl+C."""
+final-step last.ckpt, the non-finite guard, a checkpoint on SIGTERM / Ctrl+C, and training speed."""
 
 from lightning_tmd.callbacks.checkpoint import AtomicCheckpointIO, CheckpointSaveError, RunCheckpoint
 from lightning_tmd.callbacks.config import ConfigInCheckpoint
@@ -7,6 +7,7 @@ from lightning_tmd.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
 from lightning_tmd.callbacks.preemption import RunInterrupted, StopOnSignal
 from lightning_tmd.callbacks.rng import RNGStateCheckpoint
 from lightning_tmd.callbacks.samples import SampleVideos
+from lightning_tmd.callbacks.throughput import Throughput
 
 __all__ = ["AtomicCheckpointIO", "CheckpointSaveError", "ConfigInCheckpoint", "NonFiniteError", "NonFiniteGuard",
-           "RNGStateCheckpoint", "RunCheckpoint", "RunInterrupted", "SampleVideos", "StopOnSignal"]
+           "RNGStateCheckpoint", "RunCheckpoint", "RunInterrupted", "SampleVideos", "StopOnSignal", "Throughput"]
