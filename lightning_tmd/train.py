@@ -16,7 +16,6 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,7 +28,7 @@ from lightning_tmd.app import (
     remove_unused_run_folder,
     used_run_folder_error,
 )
-from lightning_tmd.callbacks import ConfigInCheckpoint, Throughput
+from lightning_tmd.callbacks import ConfigInCheckpoint, HParamsWithMetrics
 from lightning_tmd.checks import check_config, check_text_width
 
 log = logging.getLogger("lightning_tmd.train")  # not __main__ under `python -m`
@@ -91,30 +90,6 @@ def objective_value(cfg: DictConfig, metrics: dict[str, float]) -> float:
     return metrics[name]
 
 
-def final_metrics(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
-    """The run's results for TensorBoard's HParams tab: the objective's final value, the mean speed and, for
-    students, the effective NFE of their sampler (`final/...` tags, so the training curves stay as logged)."""
-    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    out = {f"final/{cfg.objective}": logged[cfg.objective]} if cfg.get("objective") in logged else {}
-    speed = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
-    if speed and speed.mean_s_per_iteration is not None:
-        out["final/s_per_iteration"] = speed.mean_s_per_iteration
-        out["final/clips_per_s"] = speed.mean_clips_per_s
-    if callable(nfe := getattr(module, "effective_nfe", None)):
-        out["final/effective_nfe"] = float(nfe())
-    return out
-
-
-def log_hparams_with_metrics(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]) -> None:
-    """The hyper-parameters with the run's final metrics (TensorBoard's HParams tab sorts a sweep by them)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(flat_hparams(cfg), metrics, step=trainer.global_step)
-        else:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        logger.save()
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured stage; returns the final logged metrics."""
     started = time.perf_counter()
@@ -129,13 +104,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = instantiate(cfg.stage.module, _convert_="all")
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
     callbacks.append(ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)))
+    callbacks.append(HParamsWithMetrics(flat_hparams(cfg), cfg.get("objective")))
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(flat_hparams(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    if trainer.global_step > 0 and not trainer.fast_dev_run:
-        log_hparams_with_metrics(cfg, trainer, final_metrics(cfg, trainer, module))
     checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
     announce("Checkpoint: %s", Path(checkpoint).absolute() if checkpoint else "none written (checkpointing is off)")
     announce("Wall time: %s (step %d)", datetime.timedelta(seconds=round(time.perf_counter() - started)),
