@@ -69,10 +69,31 @@ def fresh_folder(path: str) -> str:
     return _FRESH[path]
 
 
+def checkpoint_run_folder(ckpt_path: str | None) -> Path | None:
+    """The run folder `<run>` of a checkpoint `<run>/checkpoints/<name>` (a file, or the folder of a sharded one)
+    that exists; None for no checkpoint or one elsewhere."""
+    if not ckpt_path:
+        return None
+    path = Path(ckpt_path)
+    if path.parent.name != "checkpoints" or not path.exists():
+        return None
+    return path.parent.parent
+
+
+def run_folder(ckpt_path: str | None, fresh: str) -> str:
+    """The resolver `${tmd_run_dir:<ckpt_path>,<path>}` of the train app's default run folder: a resumed run goes
+    on in the run folder its checkpoint lies in (its TensorBoard curve continues); any other run gets
+    `${tmd_fresh:<path>}`."""
+    run = checkpoint_run_folder(ckpt_path)
+    return str(run) if run is not None else fresh_folder(fresh)
+
+
 def register_resolvers() -> None:
-    """Register `tmd_fresh` (once; importing this module does it, before any app's Hydra resolves its run dir)."""
-    if not OmegaConf.has_resolver("tmd_fresh"):
-        OmegaConf.register_new_resolver("tmd_fresh", fresh_folder)
+    """Register `tmd_fresh` and `tmd_run_dir` (once; importing this module does it, before any app's Hydra
+    resolves its run dir)."""
+    for name, resolver in (("tmd_fresh", fresh_folder), ("tmd_run_dir", run_folder)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 register_resolvers()

@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_tmd.app import checkpoint_run_folder
 from lightning_tmd.train import main, objective_value
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +84,7 @@ def test_a_sweep_logs_each_runs_hparams_with_its_final_metrics(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no default run folder beside it
     metrics = ["final/train/loss", "final/s_per_iteration", "final/clips_per_s"]
     for steps in (2, 3):
+        assert len(list((jobs[steps] / "tensorboard").glob("events.out.tfevents.*"))) == 1
         events = EventAccumulator(str(jobs[steps] / "tensorboard"))
         events.Reload()
         hparams = events.PluginTagToContent("hparams")
@@ -99,3 +102,29 @@ def test_a_tmd_student_run_logs_its_effective_nfe_with_its_hparams(smoke_student
     events = EventAccumulator(str(folder))
     events.Reload()
     assert b"final/effective_nfe" in events.PluginTagToContent("hparams")["_hparams_/experiment"]
+
+
+def test_the_run_folder_of_a_checkpoint(tmp_path):
+    run = tmp_path / "runs" / "smoke" / "2026-01-01_00-00-00"
+    (run / "checkpoints" / "last.ckpt").mkdir(parents=True)  # a sharded checkpoint is a folder
+    (run / "checkpoints" / "step_0000010.ckpt").write_bytes(b"")
+    (tmp_path / "teacher.ckpt").write_bytes(b"")
+    assert checkpoint_run_folder(str(run / "checkpoints" / "last.ckpt")) == run
+    assert checkpoint_run_folder(f"{run}/checkpoints/last.ckpt/") == run
+    assert checkpoint_run_folder(str(run / "checkpoints" / "step_0000010.ckpt")) == run
+    for outside in (None, "", str(tmp_path / "teacher.ckpt"), str(run / "checkpoints" / "missing.ckpt")):
+        assert checkpoint_run_folder(outside) is None, outside
+
+
+def test_a_resumed_run_goes_on_in_its_folder_and_tensorboard_curve(tmp_path):
+    first = run_train_app(tmp_path, "trainer.max_steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = (tmp_path / "runs" / "shapes_smoke").iterdir()
+    last = run.relative_to(tmp_path) / "checkpoints" / "last.ckpt"
+    resumed = run_train_app(tmp_path, "trainer.max_steps=8", f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert list((tmp_path / "runs" / "shapes_smoke").iterdir()) == [run]  # no new run folder
+    assert f"Run folder: {run}\n" in resumed.stdout
+    assert last_scalar(run / "tensorboard", "train/loss")[0] == 7  # steps 0 ... 7: one curve
+    assert last_scalar(run / "tensorboard", "final/train/loss")[0] == 8
+    assert torch.load(tmp_path / last, weights_only=False)["global_step"] == 8
