@@ -84,9 +84,12 @@ def check_is_run_folder(folder: Path) -> None:
 def objective_value(cfg: DictConfig, metrics: dict[str, float]) -> float:
     """The value of the metric `cfg.objective` names (what the app returns to a Hydra sweeper)."""
     name = cfg.get("objective")
+    if not metrics:  # no step trained (e.g. resumed at max_steps): nothing to report, not a config mistake
+        log.warning("objective: the run logged no metrics (it trained no step): %s is nan", name)
+        return float("nan")
     if name not in metrics:
-        logged = ", ".join(sorted(metrics)) or "none (did it train a step?)"
-        raise ValueError(f"objective: the run logged no metric '{name}'; set objective= to one it logged: {logged}")
+        raise ValueError(f"objective: the run logged no metric '{name}'; set objective= to one it logged: "
+                         + ", ".join(sorted(metrics)))
     return metrics[name]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def test_the_app_returns_its_objective_the_final_logged_metric(smoke_cfg, tmp_pa
 def test_an_objective_the_run_did_not_log_names_the_key_and_the_metrics(smoke_cfg):
     with pytest.raises(ValueError, match="objective: the run logged no metric 'val/fid'.* train/loss"):
         objective_value(smoke_cfg("objective=val/fid"), {"train/loss": 0.5, "train/mse": 0.1})
+    assert math.isnan(objective_value(smoke_cfg(), {}))  # a run that trained no step (resumed at max_steps)
 
 
 def run_train_app(cwd: Path, *args: str) -> subprocess.CompletedProcess:
