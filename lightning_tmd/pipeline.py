@@ -249,13 +249,14 @@ class Pipeline:
 
 
 def run_stage_process(command: list[str]) -> int:
-    """Run a stage in its own process and return its exit code. SIGTERM and SIGINT sent to the pipeline are passed
-    on to it once (it finishes its iteration, saves and stops); it runs in its own session so that a Ctrl+C in the
-    terminal does not reach it twice."""
-    process = subprocess.Popen(command, start_new_session=True)
+    """Run a stage in its own process and return its exit code. A SIGTERM sent to the pipeline is passed on to it
+    (it finishes its iteration, saves and stops); a Ctrl+C in the terminal reaches it directly (same process group),
+    so the pipeline only waits for it then."""
+    process = subprocess.Popen(command)
 
     def forward(signum: int, frame: Any) -> None:
-        process.send_signal(signum)
+        if signum == signal.SIGTERM:
+            process.send_signal(signum)
 
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
