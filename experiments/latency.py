@@ -77,7 +77,8 @@ def main() -> None:
     command = "python experiments/latency.py " + " ".join(
         [f'--model "{m}"' for m in args.model] + [f"--sampler '{s}'" for s in args.sampler])
     body = (f"Median of {args.repeats} timed calls after one warm-up, {args.threads} CPU threads, one process, nothing "
-            "else running; text embeddings precomputed. Speed-up against the first row at the same batch size.\n\n"
+            "else running; text embeddings precomputed. Speed-up against the first row at the same batch size. A CFG "
+            "step counts two NFE but runs them as one forward pass of a doubled batch.\n\n"
             + "\n".join(lines))
     print(write_report(args.out, "Sampling latency against effective NFE", command, body))
     with open(args.out.removesuffix(".md") + ".json", "w") as f:
