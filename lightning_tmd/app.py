@@ -168,11 +168,17 @@ def check_earlier_outputs(folder: Path, earlier: list[Path], overwrite: bool, de
             "pass overwrite=true to replace them")
 
 
+def holds_working_directory(folder: Path) -> bool:
+    """Whether `folder` (absolute) is the working directory or one of its parents: never a run folder to delete."""
+    cwd = Path.cwd().absolute()
+    return folder == cwd or folder in cwd.parents
+
+
 def remove_unused_run_folder(folder: Path) -> bool:
     """Remove a run folder that holds nothing but Hydra's `.hydra/` and log files (an app that failed before it
     wrote anything), then its parents that this leaves empty, up to the working directory. Returns whether it did."""
     folder, cwd = Path(folder).absolute(), Path.cwd().absolute()
-    if folder == cwd or folder in cwd.parents or not folder.is_dir():
+    if holds_working_directory(folder) or not folder.is_dir():
         return False
     if earlier_run_files(folder):
         return False

@@ -23,6 +23,7 @@ from lightning_tmd.app import (
     CONFIG_DIR,
     describe,
     earlier_run_files,
+    holds_working_directory,
     log_lightning_into_run_log,
     remove_paths,
     remove_unused_run_folder,
@@ -73,8 +74,7 @@ def check_run_folder(cfg: DictConfig) -> None:
 def check_is_run_folder(folder: Path) -> None:
     """overwrite=true deletes an earlier training run (it left checkpoints/ or tensorboard/), never another folder
     (the working directory, one of its parents, a folder of other files)."""
-    cwd = Path.cwd().absolute()
-    if folder == cwd or folder in cwd.parents or not any((folder / n).is_dir() for n in ("checkpoints", "tensorboard")):
+    if holds_working_directory(folder) or not any((folder / n).is_dir() for n in ("checkpoints", "tensorboard")):
         raise FileExistsError(
             f"output_dir: '{folder}' does not look like a training run folder (no checkpoints/ or tensorboard/, or it "
             "holds the working directory), and overwrite=true only replaces an earlier run: choose another folder "
@@ -107,11 +107,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = instantiate(cfg.stage.module, _convert_="all")
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
     callbacks.append(ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)))
-    callbacks.append(HParamsWithMetrics(flat_hparams(cfg), cfg.get("objective")))
+    hparams = flat_hparams(cfg)  # logged at the start (hparams.yaml) and with the final metrics at the end
+    callbacks.append(HParamsWithMetrics(hparams, cfg.get("objective")))
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
-        logger.log_hyperparams(flat_hparams(cfg))
+        logger.log_hyperparams(hparams)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
     announce("Checkpoint: %s", Path(checkpoint).absolute() if checkpoint else "none written (checkpointing is off)")
