@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -159,3 +161,19 @@ def test_random_object_areas_keep_captions_and_make_area_uninformative():
         assert all(object_area(item["video"], int(c)) > 0.2 * circle for c in item["labels"]["color"])
     with pytest.raises(ValueError, match="object_areas"):
         ShapesDataset(4, object_areas=(1.0, 0.5))
+
+
+def test_the_run_seed_orders_the_training_clips_but_keeps_the_clips():
+    """`seed=1` must change what a run sees first (else a second seed of KD repeats the first exactly);
+    the clips, the validation set and the held-out prompts stay functions of `data.seed`."""
+    from conftest import compose_train
+
+    for experiment in ("shapes_smoke", "shapes_kd"):
+        for seed in (0, 1):
+            cfg = compose_train([f"experiment={experiment}", f"seed={seed}"], Path("unused"))
+            assert cfg.data.shuffle_seed == seed and cfg.data.seed == 0
+    first = [ShapesDataModule(None, frames=2, size=8, num_train=64, num_val=4, shuffle_seed=s) for s in (0, 1)]
+    batches = [next(iter(dm.train_dataloader()))["caption"] for dm in first]
+    assert batches[0] != batches[1]
+    assert all(torch.equal(first[0].train_set[i]["video"], first[1].train_set[i]["video"]) for i in range(4))
+    assert all(torch.equal(first[0].val_set[i]["video"], first[1].val_set[i]["video"]) for i in range(4))

@@ -99,7 +99,7 @@ class ShapesDataModule(L.LightningDataModule):
                  batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
                  seed: int = 0, shard: bool = True, speed: float = DEFAULT_SPEED,
                  train_two_object_fraction: float | None = None,
-                 object_areas: tuple[float, float] | None = None) -> None:
+                 object_areas: tuple[float, float] | None = None, shuffle_seed: int | None = None) -> None:
         super().__init__()
         self.prompts = PromptEncoder(text_encoder, negative_prompt) if text_encoder is not None else None
         clip = dict(seed=seed, frames=frames, size=size, max_objects=max_objects, speed=speed,
@@ -108,10 +108,11 @@ class ShapesDataModule(L.LightningDataModule):
         self.val_set = ShapesDataset(num_val, start=VAL_START, **clip)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.seed, self.shard = num_workers, seed, shard
+        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
         self.clip_shape = (3, frames, size, size)
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableLoader(self.train_set, self.batch_size, seed=self.seed, shard=self.shard,
+        return ResumableLoader(self.train_set, self.batch_size, seed=self.shuffle_seed, shard=self.shard,
                                num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:

@@ -113,7 +113,7 @@ class TeacherPairsDataModule(ShapesDataModule):
                                "regenerate the pairs") from error
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableLoader(PairsDataset(self.pairs["train"]), self.batch_size, seed=self.seed,
+        return ResumableLoader(PairsDataset(self.pairs["train"]), self.batch_size, seed=self.shuffle_seed,
                                num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
