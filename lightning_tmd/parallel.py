@@ -2,13 +2,20 @@
 manual optimization; `FSDPStrategy` does not).
 
 `shard_nets` applies `fully_shard` to every `WanTransformerBlock`, then to every net around them (Wan,
-TMD student, discriminator, EMA copies), innermost first, with one mixed-precision policy. The nets call
-each other through methods other than `forward` (`WanNet.embed`, `TMDStudent.head`, ...): those listed in
-a class's `fsdp_methods` are registered so that FSDP gathers the net's own parameters around them.
+TMD student, discriminator, EMA copies), innermost first. The nets call each other through methods other
+than `forward` (`WanNet.embed`, `TMDStudent.head`, ...): those listed in a class's `fsdp_methods` are
+registered so that FSDP gathers the net's own parameters around them.
+
+Precision: the blocks gather their weights in `param_dtype` (bf16 on GPUs) and FSDP casts their inputs.
+The Wan and TMD nets take times (t, s, r) beside activations, so FSDP does not cast their inputs (it would
+round t = 0.999 to 1.0 and s = 0.605 to 0.60547 in bf16); they cast activations to their weights' dtype
+themselves. The flow head of a TMD student (its blocks and the layers of its nets) can gather in another
+dtype, `head_param_dtype`: fp32 lets stage 1's finite difference d/ds run in fp32 (docs/method.md §Stage 1).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,13 +46,17 @@ class FSDP2Strategy(ModelParallelStrategy):
         reduce_dtype: dtype of the gradient reduce-scatter.
         reshard_after_forward: free gathered block parameters after forward (ZeRO-3); False keeps them
             until backward (ZeRO-2: more memory, fewer all-gathers).
+        head_param_dtype: dtype of the gathered parameters of TMD students' flow heads (their last H blocks
+            and the nets' own layers); None: `param_dtype`. "float32" makes stage 1's finite difference exact
+            to fp32 (under autocast the head's other calls still compute in bf16).
     Other keyword arguments go to `ModelParallelStrategy` (`save_distributed_checkpoint`, ...).
     """
 
     def __init__(self, param_dtype: str | None = "bfloat16", reduce_dtype: str | None = "float32",
-                 reshard_after_forward: bool = True, **kwargs: Any) -> None:
+                 reshard_after_forward: bool = True, head_param_dtype: str | None = None, **kwargs: Any) -> None:
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
         self.mp_policy = MixedPrecisionPolicy(param_dtype=dtype_of(param_dtype), reduce_dtype=dtype_of(reduce_dtype))
+        self.head_mp_policy = replace(self.mp_policy, param_dtype=dtype_of(head_param_dtype or param_dtype))
         self.reshard_after_forward = reshard_after_forward
 
     def setup_environment(self) -> None:
@@ -65,18 +76,26 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def shard_nets(module: nn.Module, mesh: Any, mp_policy: MixedPrecisionPolicy | None = None,
-               reshard_after_forward: bool = True) -> None:
+               reshard_after_forward: bool = True, head_mp_policy: MixedPrecisionPolicy | None = None) -> None:
     """`fully_shard` each Wan block, then each net containing them, innermost first; every parameter
-    must end up in a unit (else its gradients would not be reduced across ranks)."""
+    must end up in a unit (else its gradients would not be reduced across ranks). The flow heads of TMD
+    students gather with `head_mp_policy` (default: `mp_policy`)."""
     check_identical_across_ranks(module)
-    kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    policy = mp_policy or MixedPrecisionPolicy()
+    head_policy = head_mp_policy or policy
+    head = {id(m) for student in module.modules() if isinstance(student, TMDStudent)
+            for m in (student, student.wan, *student.wan.transformer.blocks[student.split:])}
     for block in [m for m in module.modules() if isinstance(m, WanTransformerBlock)]:
-        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward,
+                    mp_policy=head_policy if id(block) in head else policy)
     nets = [m for m in module.modules() if isinstance(m, SHARDED_NETS)]
     for net in reversed(nets):  # modules() lists outer nets before the nets inside them
+        net_policy = head_policy if id(net) in head else policy
+        if isinstance(net, (WanNet, TMDStudent)):  # times pass uncast; the nets cast activations themselves
+            net_policy = replace(net_policy, cast_forward_inputs=False)
         # a net's own weights (embeddings, fusion, output layer) are small: they stay gathered from
         # forward to backward, so nested method calls and outputs FSDP cannot trace are safe
-        fully_shard(net, reshard_after_forward=False, **kwargs)
+        fully_shard(net, mesh=mesh, reshard_after_forward=False, mp_policy=net_policy)
         for name in getattr(type(net), "fsdp_methods", ()):
             register_fsdp_forward_method(net, name)
     left = [name for name, p in module.named_parameters() if not isinstance(p, DTensor)]
@@ -107,7 +126,7 @@ def shard_for_strategy(module: Any) -> None:
         return
     strategy = module.trainer.strategy
     shard_nets(module, mesh["data_parallel"], getattr(strategy, "mp_policy", None),
-               getattr(strategy, "reshard_after_forward", True))
+               getattr(strategy, "reshard_after_forward", True), getattr(strategy, "head_mp_policy", None))
 
 
 def reshard(module: nn.Module) -> None:

@@ -11,6 +11,7 @@ itself is checked without processes.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -153,3 +154,23 @@ def test_ranks_read_disjoint_shares_of_the_single_process_global_batch(monkeypat
     for step in range(8):  # global batch `step` of the ranks == batch `step` of one process with batch 8
         assert shares[0][4 * step:4 * step + 4] + shares[1][4 * step:4 * step + 4] == single[8 * step:8 * step + 8]
 
+
+
+def test_the_stage1_derivative_keeps_fp32_times_and_precision_under_fsdp_bf16(tmp_path):
+    """FSDP2 with bf16 weights over 2 ranks: the flow head receives the times as given (t = 0.999 is not
+    rounded to 1.0), and with the head gathered in fp32 the finite difference equals the fp32 one; under
+    bf16-mixed alone the derivative runs in fp32 too, while taking it inside autocast is far off."""
+    out = tmp_path / "fd.md"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "experiments/fd_precision.py", "--tiny", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    measured = json.loads(out.with_suffix(".json").read_text())
+    errors = {row["setting"]: row["relative_error_vs_fp32_fd"] for row in measured["rows"]}
+    assert measured["world_size"] == 2
+    assert errors["bf16-mixed, derivative in fp32 (now)"] <= 1e-2
+    assert errors["FSDP2 bf16, head gathered in fp32"] <= 1e-2
+    assert errors["bf16-mixed, difference inside autocast (before)"] > 0.1
+    for dtype, s in measured["head_times"].values():
+        assert dtype in ("torch.float32", "torch.float64") and 0.999 in s and 0.605 + 5e-3 in s

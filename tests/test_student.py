@@ -13,7 +13,7 @@ from lightning_tmd.modules.student import StudentModule
 from lightning_tmd.nets.tmd_student import TMDStudent
 from lightning_tmd.nets.wan import WanNet, edm_coefficients, wan_timestep
 from lightning_tmd.sampling import effective_nfe, tmd_sample
-from lightning_tmd.schedules import grid_floor, shifted_grid
+from lightning_tmd.schedules import grid_floor, interpolate, shifted_grid
 
 SHAPE = (2, 3, 2, 8, 8)  # batch, channels, frames, height, width -> 2 x 4 x 4 = 32 tokens
 
@@ -268,3 +268,34 @@ def test_an_edm_students_head_reads_its_output_through_the_outer_preconditioning
         flipped = torch.tensor([1, 0])
         got = student.head(y_s[flipped], s[flipped], r[flipped], main.select(flipped))
         assert (got - expected[flipped]).abs().max() <= 1e-5
+
+
+def test_the_finite_difference_runs_in_fp32_under_bf16_autocast():
+    """Under bf16-mixed training the stage-1 target's d/ds must still be resolved: the same derivative as
+    in fp32, while the difference taken inside autocast (the naive way) is far off."""
+    module = tiny_student_module()
+    smooth_in_time(module.net)
+    batch = tiny_batch()
+    g = torch.Generator().manual_seed(3)
+    x = batch["video"]
+    n = len(x)
+    t = torch.full((n,), 0.8, dtype=torch.float64)
+    x1, y1 = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+    s = torch.tensor([0.605, 0.35, 0.95, 0.999], dtype=torch.float64)
+    r = torch.tensor([0.2, 0.0, 0.5, 0.0], dtype=torch.float64)
+    y = x1 - x
+    y_s = interpolate(y, y1, s)
+    v = y1 - y
+    with torch.no_grad():
+        main = module.net.backbone(interpolate(x, x1, t), t, batch["context"])
+        reference = module.dds(main, y1, y_s, s, r, v)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = module.dds(main, y1, y_s, s, r, v)
+            both = main.select(torch.arange(n).repeat(2))
+            naive = finite_difference_dds(
+                lambda y_, s_: module.net.average_velocity(y_, s_, torch.cat([r, r]), both, torch.cat([y1, y1])),
+                y_s, s, r, v, 5e-3, 0.0, module.hparams.t_max)
+    error = lambda d: float((d - reference).norm() / reference.norm())  # noqa: E731
+    assert reference.norm() > 0
+    assert error(mixed) <= 1e-2
+    assert error(naive) > 0.1, error(naive)

@@ -167,21 +167,25 @@ class StudentModule(GeneratorModule):
 
     def dds(self, main: MainFeature, y1: torch.Tensor, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor,
             tangent: torch.Tensor) -> torch.Tensor:
-        """d/ds u_theta(y_s, s, r; m) along dy/ds = tangent, with m and y1 held fixed, without grad."""
+        """d/ds u_theta(y_s, s, r; m) along dy/ds = tangent, with m and y1 held fixed, without grad.
+
+        Whatever the training precision, both evaluations run with autocast off on fp32 inputs (m cast once)
+        and fp64 times, and the difference is taken in fp64: under bf16 a spacing of 2 delta = 0.01 in s is
+        lost in the rounding of the net's outputs (docs/method.md §Stage 1, precision). The weights are the
+        head's own: fp32 (bf16-mixed, or FSDP with strategy.head_param_dtype=float32) or bf16 where FSDP
+        gathers the head in bf16 (then the blocks compute in bf16 and the difference is coarse).
+        """
         hp = self.hparams
-        main = main.detach()
-        if hp.derivative == "jvp":
+        main = main.detach().to(torch.float32)
+        y1, y_s, tangent = y1.float(), y_s.float(), tangent.float()
+        with torch.no_grad(), torch.autocast(y_s.device.type, enabled=False):
+            if hp.derivative == "jvp":
+                return jvp_dds(lambda y, s_: self.net.average_velocity(y, s_, r, main, y1), y_s, s, tangent).double()
+            both = main.select(torch.cat([torch.arange(len(s), device=s.device)] * 2))
+
             def u_fn(y, s_):
-                return self.net.average_velocity(y, s_, r, main, y1)
+                return self.net.average_velocity(y, s_, torch.cat([r, r]), both, torch.cat([y1, y1]))
 
-            with torch.no_grad():
-                return jvp_dds(u_fn, y_s, s, tangent).double()
-        both = main.select(torch.cat([torch.arange(len(s), device=s.device)] * 2))
-
-        def u_fn(y, s_):
-            return self.net.average_velocity(y, s_, torch.cat([r, r]), both, torch.cat([y1, y1]))
-
-        with torch.no_grad():
             return finite_difference_dds(u_fn, y_s, s, r, tangent, hp.fd_delta, 0.0, hp.t_max)
 
     def stage1_loss(self, batch: dict) -> dict[str, torch.Tensor]:

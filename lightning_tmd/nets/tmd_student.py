@@ -22,7 +22,7 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding
 from torch import nn
 
-from lightning_tmd.nets.wan import WanNet, WanTokens, wan_timestep
+from lightning_tmd.nets.wan import WanNet, WanTokens, wan_timestep, weight_dtype
 from lightning_tmd.schedulers import TMDScheduler
 from lightning_tmd.schedules import broadcast_time
 
@@ -48,6 +48,12 @@ class MainFeature:
 
     def detach(self) -> MainFeature:
         return replace(self, hidden=self.hidden.detach(), skip=None if self.skip is None else self.skip.detach())
+
+    def to(self, dtype: torch.dtype) -> MainFeature:
+        """Every floating-point tensor in `dtype` (the stage-1 derivative holds m fixed in fp32)."""
+        return replace(self, tokens=self.tokens.to(dtype), hidden=self.hidden.to(dtype),
+                       skip=None if self.skip is None else self.skip.to(dtype),
+                       out_scale=None if self.out_scale is None else self.out_scale.to(dtype))
 
     def read_output(self, out: torch.Tensor) -> torch.Tensor:
         """The head's raw Wan output as a velocity-like prediction (itself unless EDM-preconditioned)."""
@@ -78,7 +84,7 @@ class GatedFusion(nn.Module):
     def forward(self, main: torch.Tensor, y_tokens: torch.Tensor, head_modulation: torch.Tensor) -> torch.Tensor:
         wide = torch.promote_types(y_tokens.dtype, torch.float32)  # norms and modulation in >= fp32
         shift, scale, gate = (self.modulation + head_modulation[:, 3:6].to(wide)).chunk(3, dim=1)
-        h = (self.norm(y_tokens.to(wide)) * (1 + scale) + shift).type_as(y_tokens)
+        h = (self.norm(y_tokens.to(wide)) * (1 + scale) + shift).to(weight_dtype(self.mlp[0]))
         return main + (torch.sigmoid(self.gate_logit) * gate * self.mlp(h).to(wide)).type_as(main)
 
     @property
@@ -104,7 +110,7 @@ class ConcatFusion(nn.Module):
             self.proj.bias.zero_()
 
     def forward(self, main: torch.Tensor, y_tokens: torch.Tensor, head_modulation: torch.Tensor) -> torch.Tensor:
-        return self.proj(torch.cat([main, y_tokens.type_as(main)], dim=-1))
+        return self.proj(torch.cat([main, y_tokens.type_as(main)], dim=-1).to(weight_dtype(self.proj)))
 
 
 class TMDStudent(nn.Module):

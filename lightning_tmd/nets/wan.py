@@ -51,6 +51,28 @@ class WanTokens:
         return replace(self, hidden=self.hidden[index], context=self.context[index], temb=self.temb[index],
                        timestep_proj=self.timestep_proj[index])
 
+    def to(self, dtype: torch.dtype) -> WanTokens:
+        """The floating-point tensors in `dtype` (rope included)."""
+        return replace(self, hidden=self.hidden.to(dtype), context=self.context.to(dtype), temb=self.temb.to(dtype),
+                       timestep_proj=self.timestep_proj.to(dtype), rotary=cast_floats(self.rotary, dtype),
+                       positions=None if self.positions is None else self.positions.to(dtype))
+
+
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """Floating-point tensors in `value` (a tensor, or a tuple / list of them) in `dtype`; the rest unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(cast_floats(v, dtype) for v in value)
+    return value
+
+
+def weight_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a layer computes in without autocast: its weight's (bf16 when FSDP gathers it in bf16).
+    The nets cast activations to it themselves, because FSDP does not cast their inputs: it would round the
+    times too (parallel.py)."""
+    return layer.weight.dtype
+
 
 def wan_timestep(t: torch.Tensor) -> torch.Tensor:
     """Wan's timestep input: 1000 t as float32, shape (B,)."""
@@ -237,6 +259,7 @@ class WanNet(nn.Module):
         rotary = tr.rope(x)
         positions = self.position_embedding(x)
         hidden = self.patchify(x, positions)
+        context = context.to(weight_dtype(tr.condition_embedder.text_embedder.linear_1))
         temb, timestep_proj, context, _ = tr.condition_embedder(timestep, context, None)
         return WanTokens(
             hidden=hidden,
@@ -257,6 +280,7 @@ class WanNet(nn.Module):
         flow head embeds a new y_s at each inner step).
         """
         embedding = self.transformer.patch_embedding
+        x = x.to(weight_dtype(embedding))
         if not self.position_frequencies:
             return embedding(x).flatten(2).transpose(1, 2).contiguous()
         if positions is None:
@@ -284,7 +308,8 @@ class WanNet(nn.Module):
         if not self.position_frequencies:
             return None
         embedding = self.transformer.patch_embedding
-        planes = fourier_position_planes(x.shape[2:], self.position_frequencies, x.device, x.dtype)[None]
+        dtype = weight_dtype(embedding)
+        planes = fourier_position_planes(x.shape[2:], self.position_frequencies, x.device, dtype)[None]
         weight = embedding.weight[:, self.transformer.config.out_channels :]
         return F.conv3d(planes, weight, stride=embedding.stride).flatten(2).transpose(1, 2)
 
@@ -306,7 +331,7 @@ class WanNet(nn.Module):
     def time_modulation(self, temb: torch.Tensor) -> torch.Tensor:
         """The blocks' global AdaLN modulation (B, 6, D) from temb."""
         ce = self.transformer.condition_embedder
-        return ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
+        return ce.time_proj(ce.act_fn(temb.to(weight_dtype(ce.time_proj)))).unflatten(1, (6, -1))
 
     def run_blocks(
         self, tokens: WanTokens, start: int, stop: int, hidden: torch.Tensor | None = None,
@@ -330,7 +355,7 @@ class WanNet(nn.Module):
         """Output AdaLN (fp32 norm), projection and unpatchify: (B, L, D) -> (B, C_out, T, H, W)."""
         tr = self.transformer
         shift_, scale = (tr.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
-        h = (tr.norm_out(hidden.float()) * (1 + scale) + shift_).type_as(hidden)
+        h = (tr.norm_out(hidden.float()) * (1 + scale) + shift_).to(weight_dtype(tr.proj_out))
         return self.unpatchify(tr.proj_out(h), grid)
 
     def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
