@@ -1,6 +1,7 @@
 """Checks of a composed config that fail fast, before anything heavy is built.
 
-Each error names the config field and the fix.
+Each error names the config field and the fix. One setting is filled in here rather than checked: stage 2's
+TMD student takes the shape its stage-1 checkpoint was trained with (`check_dmd`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_tmd.callbacks.checkpoint import read_checkpoint
 from lightning_tmd.data.shapes import clip_key
@@ -199,8 +200,9 @@ STUDENT_ARCHITECTURE = ("head_blocks", "fusion", "inner_target", "outer_steps", 
 
 def check_dmd(cfg: DictConfig, model: dict) -> None:
     """Stage 2: a teacher, discriminator blocks inside the teacher, and a student checkpoint of the
-    configured kind (a TMD student must come from a stage-1 run with the same H, fusion, inner target,
-    M, N and grid shifts: stage 1 is specific to its grids, docs/method.md Q5)."""
+    configured kind. A TMD student's shape (H, fusion, inner target, M, N, grid shifts) comes from its
+    stage-1 checkpoint: settings left null are filled in from it (from the stage-1 defaults without one),
+    and a setting given explicitly must equal it (stage 1 is specific to its grids, docs/method.md Q5)."""
     module, blocks = cfg.stage.module, model["num_layers"]
     check_teacher_source(cfg, "stage.module.teacher_ckpt", module.get("teacher_ckpt"))
     bad = [b for b in module.discriminator.blocks if not 1 <= b <= blocks]
@@ -208,6 +210,7 @@ def check_dmd(cfg: DictConfig, model: dict) -> None:
         raise ValueError(f"stage.module.discriminator.blocks {bad} are outside the teacher's blocks 1..{blocks}")
     student = module.student
     from lightning_tmd.modules.dmd import STUDENTS
+    from lightning_tmd.modules.student import StudentModule
 
     if student.kind not in STUDENTS:
         raise ValueError(f"stage.module.student.kind '{student.kind}' is unknown: use one of {tuple(STUDENTS)}")
@@ -215,10 +218,12 @@ def check_dmd(cfg: DictConfig, model: dict) -> None:
     if extra:
         raise ValueError(f"stage.module.student: {extra} do not apply to the {student.kind} student; remove them "
                          f"(~stage.module.student.{extra[0]})")
-    if student.kind == "tmd":
-        check_head_blocks(student.head_blocks, blocks, "stage.module.student.head_blocks")
     path = module.get("student_ckpt")
     if not path:
+        if student.kind == "tmd":
+            defaults = inspect.signature(StudentModule.__init__).parameters
+            inherit_student_shape(student, {key: defaults[key].default for key in STUDENT_ARCHITECTURE})
+            check_head_blocks(student.head_blocks, blocks, "stage.module.student.head_blocks")
         return
     hint = ("Train stage 1 first: python -m lightning_tmd.train stage=tm experiment=shapes_tmd_stage1"
             if student.kind == "tmd" else "Train the KD warm-up first: python -m lightning_tmd.train "
@@ -236,11 +241,22 @@ def check_dmd(cfg: DictConfig, model: dict) -> None:
                          f"is {student.kind}: choose stage/student@stage.module.student={trained_kind} or another "
                          "checkpoint")
     if student.kind == "tmd":
+        inherit_student_shape(student, trained)
+        check_head_blocks(student.head_blocks, blocks, "stage.module.student.head_blocks")
         for key in STUDENT_ARCHITECTURE:
             if trained[key] != student[key]:
                 raise ValueError(f"stage.module.student.{key}={student[key]} but stage.module.student_ckpt was "
-                                 f"trained with {key}={trained[key]}: set it to {trained[key]} or train stage 1 "
-                                 "with these settings")
+                                 f"trained with {key}={trained[key]}: leave it null to take {trained[key]}, or "
+                                 "train stage 1 with these settings")
+
+
+def inherit_student_shape(student: DictConfig, source: dict) -> None:
+    """Fill the TMD student's shape settings that are null or absent from `source` (a stage-1 checkpoint's
+    hyper-parameters, or the stage-1 defaults)."""
+    with open_dict(student):
+        for key in STUDENT_ARCHITECTURE:
+            if student.get(key) is None:
+                student[key] = source[key]
 
 
 def check_kd(cfg: DictConfig) -> None:

@@ -74,7 +74,7 @@ def read_student(path: Path) -> StudentCheckpoint:
     module_class = get_class(target)
     hparams = dict(checkpoint["hyper_parameters"])
     if issubclass(module_class, DMDModule):
-        args = dict(hparams["student"])
+        args = {key: value for key, value in hparams["student"].items() if value is not None}  # None: the default
         kind, owner = args.pop("kind", "tmd"), "student."
         args["model"] = hparams["model"]
     elif issubclass(module_class, StudentModule):

@@ -253,3 +253,24 @@ def test_real_score_guidance_is_the_teachers_sampling_cfg_unless_set(smoke_check
     assert teacher_cfg == 4.0
     with pytest.raises(ValueError, match="guidance_scale=0"):
         tiny_dmd(guidance_scale=0.0)
+
+
+def test_stage2_takes_the_student_shape_of_its_stage1_checkpoint(smoke_checkpoint, tmp_path):
+    """No shape overrides in stage 2: H, M, N, the grid shifts, fusion and inner target are the stage-1
+    checkpoint's, in the config the run records and in the student it builds."""
+    from lightning_tmd.checks import STUDENT_ARCHITECTURE, check_config
+
+    shape = {"head_blocks": 1, "outer_steps": 3, "inner_steps": 3, "outer_shift": 3.0, "inner_shift": 5.0,
+             "fusion": "concat", "inner_target": "sample"}
+    stage1 = tmp_path / "stage1"
+    train(compose_train(["experiment=shapes_smoke_tm", f"stage.module.teacher_ckpt={smoke_checkpoint}",
+                         "trainer.max_steps=2", "callbacks.samples.every_n_steps=0",
+                         *[f"stage.module.{k}={v}" for k, v in shape.items()]], stage1))
+    cfg = dmd_cfg(tmp_path / "stage2", smoke_checkpoint, stage1 / "checkpoints" / "last.ckpt",
+                  "~stage.module.student.head_blocks")
+    assert all(cfg.stage.module.student.get(key) is None for key in STUDENT_ARCHITECTURE)
+    check_config(cfg)
+    assert {key: cfg.stage.module.student[key] for key in STUDENT_ARCHITECTURE} == shape
+    module = instantiate(cfg.stage.module, _convert_="all")
+    assert {key: module.student.hparams[key] for key in STUDENT_ARCHITECTURE} == shape
+    assert module.student.net.head_blocks == 1 and module.student.net.inner_target == "sample"

@@ -84,7 +84,7 @@ class DMDModule(L.LightningModule):
                  grad_clip: float | None = 1.0, histogram_every: int = 100, teacher_dtype: str | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
-        student_args = dict(student)
+        student_args = {key: value for key, value in student.items() if value is not None}  # None: the default
         kind = student_args.pop("kind", "tmd")
         if kind not in STUDENTS:
             raise ValueError(f"stage.module.student.kind '{kind}' is unknown: use one of {tuple(STUDENTS)}")
