@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lightning_tmd.callbacks.checkpoint import read_checkpoint
+from lightning_tmd.checkpoints import read_checkpoint
 from lightning_tmd.data.shapes import clip_key
 from lightning_tmd.nets.wan import transformer_config
 from lightning_tmd.optim import check_optimizer

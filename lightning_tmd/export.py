@@ -26,12 +26,12 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_tmd.app import CONFIG_DIR, describe
+from lightning_tmd.checkpoints import sampling_weights
 from lightning_tmd.diffusers_pipeline import RUN_CONFIG_FILE, TMDPipeline, TMDStudentModel
 from lightning_tmd.generators import clip_shape, run_config
 from lightning_tmd.modules.dmd import STUDENTS, DMDModule
 from lightning_tmd.modules.one_pass import OnePassStudent
 from lightning_tmd.modules.student import StudentModule
-from lightning_tmd.modules.teacher import sampling_weights
 from lightning_tmd.nets.codec import resolve_vae_folder
 from lightning_tmd.nets.text import PretrainedTextEncoder, PromptEncoder, VocabTextEncoder
 from lightning_tmd.nets.wan import transformer_config

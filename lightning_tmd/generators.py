@@ -13,7 +13,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from torch.optim.swa_utils import AveragedModel
 
-from lightning_tmd.callbacks.checkpoint import read_checkpoint
+from lightning_tmd.checkpoints import read_checkpoint
 from lightning_tmd.nets.text import PromptEncoder, TextEmbedding, TextEncoder
 from lightning_tmd.parallel import first_nonfinite
 

@@ -29,7 +29,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_tmd.app import CONFIG_DIR, earlier_run_files
-from lightning_tmd.callbacks.checkpoint import loadable, newest_loadable_periodic
+from lightning_tmd.checkpoints import loadable, newest_loadable_periodic
 
 KINDS = ("teacher", "stage1", "stage2", "kd", "dmd2v", "dmd2v_1step")
 BASELINES = ("dmd2v",)

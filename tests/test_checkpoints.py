@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import compose_train
 
-import lightning_tmd.callbacks.checkpoint as checkpoint_module
-from lightning_tmd.callbacks import AtomicCheckpointIO, CheckpointSaveError
+import lightning_tmd.checkpoints as checkpoint_module
+from lightning_tmd.checkpoints import AtomicCheckpointIO, CheckpointSaveError
 from lightning_tmd.train import train
 
 SMOKE = ["experiment=shapes_smoke", "callbacks.samples.every_n_steps=0", "trainer.max_steps=10",

@@ -11,10 +11,11 @@ import torch
 from conftest import TINY_WAN, compose_train
 from hydra.utils import instantiate
 
+from lightning_tmd.checkpoints import sampling_state_dict
 from lightning_tmd.generators import load_generator
 from lightning_tmd.modules.dmd import DMDModule
 from lightning_tmd.modules.one_pass import OnePassStudent
-from lightning_tmd.modules.teacher import TeacherModule, sampling_state_dict
+from lightning_tmd.modules.teacher import TeacherModule
 from lightning_tmd.train import train
 
 SMOKE_TEXT = ["text=vocab", "text.encoder.dim=16", "text.encoder.max_length=16"]

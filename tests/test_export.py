@@ -20,10 +20,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
+from lightning_tmd.checkpoints import sampling_state_dict
 from lightning_tmd.diffusers_pipeline import TMDPipeline
 from lightning_tmd.export import export
 from lightning_tmd.generators import load_generator
-from lightning_tmd.modules.teacher import sampling_state_dict
 from lightning_tmd.nets.text import PretrainedTextEncoder
 from lightning_tmd.sample import sample
 from lightning_tmd.sampling import effective_nfe, seeded_noise

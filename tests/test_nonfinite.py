@@ -10,7 +10,8 @@ from conftest import compose_train
 
 import lightning_tmd.modules.dmd as dmd_module
 from lightning_tmd.callbacks import NonFiniteError, NonFiniteGuard
-from lightning_tmd.modules.teacher import TeacherModule, sampling_state_dict
+from lightning_tmd.checkpoints import sampling_state_dict
+from lightning_tmd.modules.teacher import TeacherModule
 from lightning_tmd.parallel import first_nonfinite
 from lightning_tmd.train import train
 

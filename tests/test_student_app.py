@@ -8,11 +8,11 @@ from conftest import compose_train
 from omegaconf import OmegaConf
 from test_apps import compose_app
 
+from lightning_tmd.checkpoints import sampling_state_dict
 from lightning_tmd.checks import check_matching_checkpoint
 from lightning_tmd.evaluate import evaluate
 from lightning_tmd.generators import load_generator
 from lightning_tmd.modules.student import StudentModule
-from lightning_tmd.modules.teacher import sampling_state_dict
 from lightning_tmd.sample import sample
 from lightning_tmd.train import train
 

@@ -2,7 +2,7 @@
 final-step last.ckpt, the non-finite guard, a checkpoint on SIGTERM / Ctrl+C, training speed,
 and the hyper-parameters with the final metrics."""
 
-from lightning_tmd.callbacks.checkpoint import AtomicCheckpointIO, CheckpointSaveError, RunCheckpoint
+from lightning_tmd.callbacks.checkpoint import RunCheckpoint
 from lightning_tmd.callbacks.config import ConfigInCheckpoint
 from lightning_tmd.callbacks.hparams import HParamsWithMetrics
 from lightning_tmd.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
@@ -11,6 +11,5 @@ from lightning_tmd.callbacks.rng import RNGStateCheckpoint
 from lightning_tmd.callbacks.samples import SampleVideos
 from lightning_tmd.callbacks.throughput import Throughput
 
-__all__ = ["AtomicCheckpointIO", "CheckpointSaveError", "ConfigInCheckpoint", "HParamsWithMetrics", "NonFiniteError",
-           "NonFiniteGuard", "RNGStateCheckpoint", "RunCheckpoint", "RunInterrupted", "SampleVideos", "StopOnSignal",
-           "Throughput"]
+__all__ = ["ConfigInCheckpoint", "HParamsWithMetrics", "NonFiniteError", "NonFiniteGuard", "RNGStateCheckpoint",
+           "RunCheckpoint", "RunInterrupted", "SampleVideos", "StopOnSignal", "Throughput"]

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
+from lightning_tmd.checkpoints import sampling_state_dict
 from lightning_tmd.losses import denoising_loss
 from lightning_tmd.modules.base import GeneratorModule
-from lightning_tmd.modules.teacher import sampling_state_dict
 from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.schedules import interpolate, sample_shifted_uniform
 

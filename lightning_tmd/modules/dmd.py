@@ -20,19 +20,19 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-from lightning_tmd.callbacks.checkpoint import read_checkpoint
+from lightning_tmd.checkpoints import (
+    PAPER_GUIDANCE,
+    read_checkpoint,
+    sampling_guidance,
+    sampling_state_dict,
+    sampling_weights,
+)
 from lightning_tmd.losses import discriminator_loss, generator_gan_loss, vsd_gradient, vsd_loss_along
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.modules.critic import CriticModule
 from lightning_tmd.modules.one_pass import OnePassStudent
 from lightning_tmd.modules.student import StudentModule
-from lightning_tmd.modules.teacher import (
-    PAPER_GUIDANCE,
-    TeacherModule,
-    sampling_guidance,
-    sampling_state_dict,
-    sampling_weights,
-)
+from lightning_tmd.modules.teacher import TeacherModule
 from lightning_tmd.nets.discriminator import Discriminator
 from lightning_tmd.nets.wan import wan_timestep
 from lightning_tmd.parallel import full_value, reshard, shard_for_strategy

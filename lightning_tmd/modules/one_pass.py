@@ -9,8 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lightning_tmd.checkpoints import sampling_state_dict
 from lightning_tmd.modules.base import GeneratorModule
-from lightning_tmd.modules.teacher import sampling_state_dict
 from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.sampling import one_pass_step
 from lightning_tmd.schedulers import OnePassScheduler

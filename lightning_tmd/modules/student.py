@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
+from lightning_tmd.checkpoints import sampling_state_dict
 from lightning_tmd.losses import adaptive_l2_loss, finite_difference_dds, jvp_dds
 from lightning_tmd.modules.base import GeneratorModule
-from lightning_tmd.modules.teacher import sampling_state_dict
 from lightning_tmd.nets.tmd_student import CLEAN_ESTIMATES, MainFeature, TMDStudent
 from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.parallel import full_value

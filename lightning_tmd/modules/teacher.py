@@ -7,12 +7,10 @@ from typing import Any
 
 import torch
 
-from lightning_tmd.callbacks.checkpoint import read_checkpoint
 from lightning_tmd.losses import flow_matching_loss
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.optim import check_optimizer
-from lightning_tmd.parallel import first_nonfinite
 from lightning_tmd.sampling import check_guidance_interval, euler_sample, guided_velocity_fn, noise_seeded_generator
 from lightning_tmd.schedules import (
     interpolate,
@@ -152,31 +150,3 @@ class TeacherModule(GeneratorModule):
             t = torch.full((len(x),), t_value, dtype=torch.float64, device=x.device)
             loss = self.flow_loss(batch, t, noise, batch["context"])
             self.log(f"val/loss_t{t_value}", loss, batch_size=len(x))
-
-
-PAPER_GUIDANCE = 5.0  # the real score's CFG for Wan2.1 (paper, Table 7)
-
-
-def sampling_guidance(checkpoint: dict[str, Any], default: float = PAPER_GUIDANCE) -> float:
-    """The CFG a teacher checkpoint samples with (its `guidance_scale`); `default` for other checkpoints."""
-    scale = checkpoint.get("hyper_parameters", {}).get("guidance_scale")
-    return default if scale is None else float(scale)
-
-
-def sampling_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The weights of `module.net` that a checkpoint samples with: its EMA when kept, else the raw net
-    (a teacher's `WanNet`, a stage-1 student's `TMDStudent`, ...)."""
-    return sampling_weights(read_checkpoint("checkpoint", path)["state_dict"])
-
-
-def sampling_weights(state: dict[str, torch.Tensor], module: str = "") -> dict[str, torch.Tensor]:
-    """The sampling weights of the generator module at `module` (e.g. "student." in a stage-2 state
-    dict): its `ema.module.*` when kept, else its `net.*`, with that prefix removed."""
-    ema = f"{module}ema.module."
-    prefix = ema if any(k.startswith(ema) for k in state) else f"{module}net."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    bad = first_nonfinite(weights)
-    if bad is not None:
-        raise ValueError(f"the checkpoint's {prefix}{bad} holds non-finite values (a diverged run): use an earlier "
-                         "checkpoint of that run (its checkpoints/step_*.ckpt) or train it again")
-    return weights

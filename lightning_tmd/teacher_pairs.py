@@ -62,8 +62,7 @@ class TeacherPairsDataModule(ShapesDataModule):
             raise FileNotFoundError(f"data.teacher_ckpt: no teacher checkpoint at '{teacher}'. Train it first: "
                                     "python -m lightning_tmd.train stage=teacher experiment=shapes_teacher")
         if self.sampler["guidance_scale"] is None:
-            from lightning_tmd.callbacks.checkpoint import read_checkpoint
-            from lightning_tmd.modules.teacher import sampling_guidance
+            from lightning_tmd.checkpoints import read_checkpoint, sampling_guidance
 
             checkpoint = read_checkpoint("data.teacher_ckpt", teacher)
             self.sampler["guidance_scale"] = sampling_guidance(checkpoint)
