@@ -112,8 +112,8 @@ def checkpoints_to_score(run: Path, eval_every: int) -> list[tuple[int, Path]]:
 def score_run(run: Path, judge_path: str, samples: int, eval_every: int, device: str) -> list[dict]:
     """Judge scores of every chosen checkpoint of one run (written to `<run>/scores.json` as they come)."""
     from lightning_tmd.data.shapes import clip_key, clip_settings
-    from lightning_tmd.evaluate import held_out_set, quality
     from lightning_tmd.generators import load_generator
+    from lightning_tmd.metrics.benchmark import held_out_set, quality
     from lightning_tmd.metrics.judge import JudgeFeatures, load_judge
     from lightning_tmd.metrics.video import frechet_video_distance, update_in_batches
     from lightning_tmd.sampling import sample_clips
