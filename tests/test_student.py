@@ -299,3 +299,21 @@ def test_the_finite_difference_runs_in_fp32_under_bf16_autocast():
     assert reference.norm() > 0
     assert error(mixed) <= 1e-2
     assert error(naive) > 0.1, error(naive)
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "edm"])
+def test_a_sample_target_student_at_init_ends_its_inner_flow_at_the_teachers_clean_estimate(prediction):
+    """y = x (Table 10) keeps the head a velocity: u = (y_s - (x_t - t head)) / s. At s = t the head is the
+    teacher's velocity, so one inner step to 0 lands on the teacher's x0 and the outer step is its Euler step."""
+    teacher = teacher_net(prediction=prediction)
+    student = TMDStudent.from_teacher(teacher, 2, inner_target="sample").eval()
+    x_t, context, g = inputs()
+    t = torch.full((SHAPE[0],), 0.6, dtype=torch.float64)
+    with torch.no_grad():
+        v = teacher.velocity(x_t, t, context)
+        main = student.backbone(x_t, t, context)
+        y_s, y1 = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+        y_hat = y_s - 0.6 * student.average_velocity(y_s, t, t, main, y1)
+        x_next = student.transition(x_t, t, torch.full_like(t, 0.2), y_hat)
+    torch.testing.assert_close(y_hat, x_t - 0.6 * v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_next, x_t - 0.4 * v, atol=1e-5, rtol=1e-5)

@@ -225,7 +225,8 @@ class StudentModule(GeneratorModule):
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Plain-TM error ||head(y_s, s, s) - y||^2 at each outer time and s in {0.3, 0.7}, fixed noise."""
+        """Plain-TM error ||y_est - y||^2 of the head's estimate of y at (y_s, s, s) (the head itself, or
+        x_t - t head for y = x) at each outer time and s in {0.3, 0.7}, fixed noise."""
         x = batch["video"]
         g = torch.Generator(device=x.device).manual_seed(batch_idx)
         x1 = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
@@ -238,5 +239,5 @@ class StudentModule(GeneratorModule):
             for s_value in (0.3, 0.7):
                 s = torch.full_like(t, s_value)
                 y_s = (1 - s_value) * y + s_value * y1
-                error = (self.net.head(y_s, s, s, main) - y).pow(2).mean()
+                error = (self.net.inner_estimate(self.net.head(y_s, s, s, main), main) - y).pow(2).mean()
                 self.log(f"val/head_mse_t{t_value:.3f}_s{s_value}", error, batch_size=len(x))

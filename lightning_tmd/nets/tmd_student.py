@@ -40,20 +40,30 @@ class MainFeature:
     # EDM preconditioning at the outer (x_t, t) (`model.prediction=edm`): head output = skip + out_scale * F
     skip: torch.Tensor | None = None  # c_skip(t) x_t, (B, C, T, H, W)
     out_scale: torch.Tensor | None = None  # c_out(t), (B, 1, 1, 1, 1)
+    # the outer state and time the backbone saw: y = x reads the head against them (Table 10)
+    x_t: torch.Tensor | None = None  # (B, C, T, H, W)
+    t: torch.Tensor | None = None  # (B,), float64
 
     def select(self, index: torch.Tensor) -> MainFeature:
-        if self.skip is None:
-            return MainFeature(self.tokens.select(index), self.hidden[index])
-        return MainFeature(self.tokens.select(index), self.hidden[index], self.skip[index], self.out_scale[index])
+        def pick(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value[index]
+
+        return replace(self, tokens=self.tokens.select(index), hidden=self.hidden[index], skip=pick(self.skip),
+                       out_scale=pick(self.out_scale), x_t=pick(self.x_t), t=pick(self.t))
 
     def detach(self) -> MainFeature:
-        return replace(self, hidden=self.hidden.detach(), skip=None if self.skip is None else self.skip.detach())
+        def detached(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value.detach()
+
+        return replace(self, hidden=self.hidden.detach(), skip=detached(self.skip), x_t=detached(self.x_t))
 
     def to(self, dtype: torch.dtype) -> MainFeature:
-        """Every floating-point tensor in `dtype` (the stage-1 derivative holds m fixed in fp32)."""
-        return replace(self, tokens=self.tokens.to(dtype), hidden=self.hidden.to(dtype),
-                       skip=None if self.skip is None else self.skip.to(dtype),
-                       out_scale=None if self.out_scale is None else self.out_scale.to(dtype))
+        """Every floating-point tensor but the times in `dtype` (the stage-1 derivative holds m fixed in fp32)."""
+        def cast(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value.to(dtype)
+
+        return replace(self, tokens=self.tokens.to(dtype), hidden=self.hidden.to(dtype), skip=cast(self.skip),
+                       out_scale=cast(self.out_scale), x_t=cast(self.x_t))
 
     def read_output(self, out: torch.Tensor) -> torch.Tensor:
         """The head's raw Wan output as a velocity-like prediction (itself unless EDM-preconditioned)."""
@@ -168,7 +178,7 @@ class TMDStudent(nn.Module):
     def backbone(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> MainFeature:
         """m_theta(x_t, t, c): embeddings and the first L - H blocks (t in [0, 1], shape (B,))."""
         tokens = self.wan.embed(x_t, wan_timestep(t), context.to(x_t.dtype))
-        main = MainFeature(tokens, self.wan.run_blocks(tokens, 0, self.split))
+        main = MainFeature(tokens, self.wan.run_blocks(tokens, 0, self.split), x_t=x_t, t=t)
         if self.wan.prediction == "edm":  # the teacher's v = c_skip x_t + c_out F, at the outer (x_t, t)
             main.skip, main.out_scale = self.wan.edm_terms(x_t, t)
         return main
@@ -188,10 +198,22 @@ class TMDStudent(nn.Module):
         hidden = self.wan.run_blocks(main.tokens, self.split, self.num_blocks, hidden, modulation)
         return main.read_output(self.wan.unembed(hidden, temb, main.tokens.grid))
 
+    def inner_estimate(self, head: torch.Tensor, main: MainFeature) -> torch.Tensor:
+        """The head's estimate of the inner target y: the head itself for y = x1 - x; for y = x (Table 10) the
+        outer step's clean estimate x_t - t head, so that the head stays a velocity of the outer flow."""
+        if self.inner_target == "velocity":
+            return head
+        return main.x_t - broadcast_time(main.t, head) * head
+
     def average_velocity(self, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor, main: MainFeature,
                          y1: torch.Tensor) -> torch.Tensor:
-        """u_theta(y_s, s, r; m) = y1 - head (Eq. 14)."""
-        return y1 - self.head(y_s, s, r, main)
+        """u_theta(y_s, s, r; m) = y1 - head (Eq. 14); for y = x, (y_s - (x_t - t head)) / s (Table 10's
+        parameterization: at initialisation the head at s = t is the teacher's velocity, so the inner flow ends
+        at the teacher's clean estimate)."""
+        head = self.head(y_s, s, r, main)
+        if self.inner_target == "velocity":
+            return y1 - head
+        return (y_s - self.inner_estimate(head, main)) / broadcast_time(s, y_s)
 
     # -- inner flow and outer step -----------------------------------------------------------
     def rollout(self, main: MainFeature, y1: torch.Tensor, inner_grid: torch.Tensor) -> torch.Tensor:
