@@ -93,14 +93,15 @@ def stage_of(model: str, stage: str, widths: tuple[int, int, int]) -> Stage:
 
 # -- calibration against the GPU runs -------------------------------------------------------------
 def gpu_run_estimate(run: tuple, profile: ActivationProfile, factor: float = 1.0) -> Estimate:
-    """The estimate for one of `GPU_RUNS`, modelled as gpu_check.py ran it (one GPU, fp32 teacher)."""
+    """The estimate for one of `GPU_RUNS`, modelled as gpu_check.py ran it (one GPU, fp32 teacher, a TMD
+    student's head gathered in bf16 as the FSDP2 policy had it then)."""
     _, layers, head, kind, student, batch, strategy, _ = run
     config = {**WAN21_T2V_1_3B, "num_layers": layers}
     blocks = tuple(sorted({max(1, layers // 3), max(1, 2 * layers // 3), layers}))  # as gpu_check.py
     stage = Stage(kind, student, head, 2, blocks, (256, 512, 512), 256)
     roles = count_roles(build_stage(config, stage))
     return estimate(roles, profile.scaled(factor), stage_updates(stage, layers),
-                    Setup(strategy, gpus=1, frozen_bytes=4), batch)
+                    Setup(strategy, gpus=1, frozen_bytes=4, head_bytes=2), batch)
 
 
 def calibrate(profile: ActivationProfile) -> tuple[dict[str, float], list[tuple]]:
@@ -198,9 +199,11 @@ def fewest_gpus_table(stages: dict, roles: dict, profiles: dict, factors: dict, 
 
 
 def head_layers(stages: dict, profiles: dict, factors: dict, model: str) -> float:
-    """Bytes the TMD student's update keeps in fusion and output layers (not checkpointed), one clip."""
-    saved = profiles[model].scaled(factors["autocast"]).saved
-    return (saved["fusion"] + saved["output"]) * stages[(model, "stage 2 TMD")].inner_steps
+    """Bytes the TMD student's update would keep in its fusion and output layers without checkpointing them,
+    less their inputs that checkpointing keeps, one clip."""
+    profile = profiles[model].scaled(factors["autocast"])
+    kept = profile.saved["fusion"] + profile.saved["output"] - 2 * profile.block_input
+    return kept * stages[(model, "stage 2 TMD")].inner_steps
 
 
 def calibration_table(rows: list[tuple]) -> str:
@@ -248,16 +251,20 @@ Assumptions (every number above follows from these):
   `MixedPrecisionPolicy`, fp32 reduce; `trainer.precision=bf16-mixed`, i.e. autocast on top): states ÷
   GPUs; in flight: the bf16 root parameters (everything outside the blocks, fusion layer included) of every
   net the update runs, two gathered blocks (current + prefetch), and one block's unsharded gradients (bf16
-  + fp32 for the reduce-scatter). No autocast weight copies (the gathered weights are bf16 already).
+  + fp32 for the reduce-scatter); a TMD student's root and head blocks gather in fp32
+  (`head_param_dtype: float32`, so that stage 1's derivative runs in fp32). No autocast weight copies (the
+  gathered weights are bf16 already).
 * **Activations** per clip = Σ over an update's passes of the bytes autograd saves for backward in that
   part, measured on the real modules (`saved_tensors_hooks`, bf16, storages counted once, parameters and
   shared inputs excluded): a trained block, a frozen block with gradient to its input (the GAN term), the
   embeddings, the output layer, the fusion layer, a discriminator head (fp32); plus one block's no-grad
   working set (`MemTracker` peak) at the widest no-grad batch (2 clips: CFG, finite difference, real + fake).
-  With **activation checkpointing** (per block, `WanNet.checkpoint_blocks`) a block keeps only its bf16
-  input, and the block being recomputed in backward adds its saved tensors once; fusion, output layer and
-  discriminator are not checkpointed. AdamW's foreach step allocates one fp32 temporary per trained element
-  of the stepping optimizer after the activations are freed: the total takes the larger of the two.
+  With **activation checkpointing** (`WanNet.checkpoint_blocks`) a block, and each TMD head call's fusion
+  and output layer (`TMDStudent.head`), keep only their bf16 input, and the largest part being recomputed in
+  backward adds its saved tensors once ({head_gib:.1f} GiB less than keeping the head's fusion and output
+  activations for the 14B TMD student's update, {head_small_gib:.1f} GiB at 1.3B); the embeddings, a one-pass
+  output layer and the discriminator are not checkpointed. AdamW's foreach step allocates one fp32 temporary
+  per trained element of the stepping optimizer after the activations are freed: the total takes the larger of the two.
 * **Calibration.** Blocks are measured on CPU, where RMSNorm runs as a composite that keeps 8 bytes per
   element (fp32 intermediates) where CUDA's fused kernel keeps 2 (the bf16 input): with three token-wide
   RMSNorms per block (q and k of self-attention, q of cross-attention) that alone is 18·D of the CPU count's
@@ -270,12 +277,11 @@ Assumptions (every number above follows from these):
   the fewest-GPUs table; fitted on the only such run, 6 blocks on one GPU, not cross-checked).
 * **Fits 80 GB**: "yes" ≤ {budget} GiB, leaving ~{headroom:.1f} GiB of the {card} GiB an 80 GB card reports for
   the CUDA context, NCCL buffers and allocator fragmentation; "tight" up to {card} GiB; "no" above.
-* **Levers not assumed**: `WanNet.checkpoint_blocks` checkpoints blocks only: the TMD head's fusion
-  layer and output layer keep their activations for each of the N head calls ({head_gib:.1f} GiB of the 14B
-  TMD student's update, {head_small_gib:.1f} GiB at 1.3B); DDP's `gradient_as_bucket_view=True` makes the
-  buckets hold the gradients (−4 B per trained parameter). An fp32 teacher instead of bf16 adds 2 B per
-  teacher parameter: the project builds every role from one `model.dtype`, so "fp32 trained roles beside a
-  bf16 teacher" is an assumption of this table, not yet a config option.
+* **Levers not assumed**: FSDP2's CPU offload of parameters, gradients and optimizer states (not wired into
+  `FSDP2Strategy`); DDP's `gradient_as_bucket_view=True` makes the buckets hold the gradients (−4 B per
+  trained parameter). The bf16 teacher beside fp32 trained roles is
+  `stage.module.teacher_dtype=bfloat16` (the Wan stage-2 experiments); an fp32 teacher adds 2 B per teacher
+  parameter.
 * Not counted: the data batch and latent-size tensors (~10 MB per clip), CUDA/NCCL workspaces, the
   allocator's rounding. "Peak in" names the update with the larger total: in stage 2 almost always the
   student's (it holds the rollout and the GAN path through the teacher).

@@ -40,6 +40,8 @@ WAN21_T2V_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_he
                       cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 WAN21_T2V_14B = {**WAN21_T2V_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
 BLOCK_PARTS = ("block", "frozen_block")
+# the TMD student's fusion and output layer, per head call: checkpointed with its blocks (`TMDStudent.head`)
+HEAD_PARTS = {"head_fusion": "fusion", "head_output": "output"}
 
 
 # -- what is trained ----------------------------------------------------------------------------
@@ -118,11 +120,14 @@ def count_roles(module: StudentModule | DMDModule) -> list[Role]:
 @dataclass(frozen=True)
 class Setup:
     """How each GPU holds the states: strategy "single" (one GPU), "ddp" or "fsdp" (FSDP2 per Wan block,
-    bf16 param policy, fp32 shards) over `gpus`; `frozen_bytes` per teacher weight (2: bf16; 4: fp32)."""
+    bf16 param policy, fp32 shards) over `gpus`; `frozen_bytes` per teacher weight (2: bf16; 4: fp32);
+    `head_bytes` per gathered weight of a TMD student's root and head blocks under FSDP2
+    (`strategy.head_param_dtype`: 4 for fp32, 2 for bf16)."""
 
     strategy: str = "ddp"
     gpus: int = 1
     frozen_bytes: int = BF16
+    head_bytes: int = FP32
 
     def __post_init__(self) -> None:
         if self.strategy not in ("single", "ddp", "fsdp"):
@@ -172,8 +177,9 @@ def stage_updates(stage: Stage, num_blocks: int) -> list[Update]:
     L, H, N = num_blocks, stage.head_blocks, stage.inner_steps
     one_pass = (("embed", 1, 1), ("block", L, 1), ("output", 1, 1))
     if stage.kind == "tm":  # backbone once, head once
-        return [Update("student", ("student",), ("student",), (*one_pass, ("fusion", 1, 1)))]
-    tmd = (("embed", 1, 1), ("block", L - H + N * H, 1), ("fusion", N, 1), ("output", N, 1))  # N head calls
+        return [Update("student", ("student",), ("student",),
+                       (("embed", 1, 1), ("block", L, 1), ("head_fusion", 1, 1), ("head_output", 1, 1)))]
+    tmd = (("embed", 1, 1), ("block", L - H + N * H, 1), ("head_fusion", N, 1), ("head_output", N, 1))  # N head calls
     nets = ("student", "critic", "teacher", "discriminator")
     gan = (("frozen_embed", 1, 1), ("frozen_block", max(stage.disc_blocks), 1),
            ("frozen_disc", len(stage.disc_blocks), 1))
@@ -306,14 +312,17 @@ def activation_profile(config: dict, latent: tuple[int, int, int, int], text_tok
 
 def activation_bytes(profile: ActivationProfile, update: Update, batch: int = 1, checkpoint: bool = False) -> float:
     """Activations at the peak of `update` with `batch` clips per GPU: what its passes keep for
-    backward (with checkpointing a block keeps only its input), plus one block's no-grad working set
-    at the widest batch, plus with checkpointing the saved tensors of the block recomputed in backward."""
+    backward (with checkpointing a block, and a TMD head call's fusion and output layer, keep only their
+    input), plus one block's no-grad working set at the widest batch, plus with checkpointing the saved
+    tensors of the largest part recomputed in backward."""
     kept = 0.0
     for part, count, clips in update.passes:
-        per_clip = profile.block_input if checkpoint and part in BLOCK_PARTS else profile.saved[part]
+        recomputed = checkpoint and (part in BLOCK_PARTS or part in HEAD_PARTS)
+        per_clip = profile.block_input if recomputed else profile.saved[HEAD_PARTS.get(part, part)]
         kept += count * clips * batch * per_clip
     working = profile.block_working * max(update.no_grad_clips, 1) * batch
-    return kept + working + (profile.saved["block"] * batch if checkpoint else 0.0)
+    recompute = max(profile.saved[part] for part in ("block", "fusion", "output"))
+    return kept + working + (recompute * batch if checkpoint else 0.0)
 
 
 # -- the estimate -----------------------------------------------------------------------------------------
@@ -336,14 +345,19 @@ class Estimate:
 def working_weight_bytes(roles: list[Role], update: Update, setup: Setup) -> float:
     """FSDP2: the bf16 root parameters of every net the update runs (the root stays gathered from
     forward to backward), two gathered blocks (the current one and the prefetched one), and one
-    block's unsharded gradients (bf16, then fp32 for the reduce-scatter). Otherwise bf16 autocast's
-    cached copies of the weights being trained, and with an fp32 teacher the bf16 casts of its block
-    weights that the GAN term keeps for backward (autocast caches no casts of frozen weights)."""
+    block's unsharded gradients (in the gathered dtype, then fp32 for the reduce-scatter); a TMD student's
+    root and head blocks gather in fp32 (`strategy.head_param_dtype`, counted for both in-flight blocks).
+    Otherwise bf16 autocast's cached copies of the weights being trained, and with an fp32 teacher the bf16
+    casts of its block weights that the GAN term keeps for backward (autocast caches no casts of frozen
+    weights)."""
     by_name = {r.name: r for r in roles}
     if setup.strategy == "fsdp":
         nets = [by_name[n] for n in update.nets]
         block = max(r.block for r in nets)
-        return BF16 * sum(r.root for r in nets) + 2 * BF16 * block + (BF16 + FP32) * block
+        tmd = any(part in HEAD_PARTS for part, _, _ in update.passes)
+        gathered = setup.head_bytes if tmd else BF16
+        roots = sum((gathered if r.name == "student" else BF16) * r.root for r in nets)
+        return roots + 2 * gathered * block + (gathered + FP32) * block
     copies = BF16 * sum(by_name[n].params for n in update.trained)
     if setup.frozen_bytes == FP32 and "teacher" in by_name:  # autocast's casts of an fp32 teacher's weights,
         frozen_blocks = sum(count for part, count, _ in update.passes if part == "frozen_block")

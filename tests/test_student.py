@@ -317,3 +317,42 @@ def test_a_sample_target_student_at_init_ends_its_inner_flow_at_the_teachers_cle
         x_next = student.transition(x_t, t, torch.full_like(t, 0.2), y_hat)
     torch.testing.assert_close(y_hat, x_t - 0.6 * v, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x_next, x_t - 0.4 * v, atol=1e-5, rtol=1e-5)
+
+
+def test_a_checkpointed_head_keeps_only_the_inputs_of_its_fusion_and_output_layers():
+    """With model.checkpoint_blocks each head call recomputes its fusion and output layers in backward: what it
+    saves drops by what those layers saved, down to their inputs, and the gradients stay the same."""
+    from lightning_tmd.memory import saved_bytes
+
+    torch.manual_seed(0)
+    student = TMDStudent(WanNet.from_config({**TINY_WAN, "num_layers": 4}, checkpoint_blocks=True), 2)
+    smooth_in_time(student)
+    x_t, context, g = inputs()
+    t = torch.full((SHAPE[0],), 0.7, dtype=torch.float64)
+    main = student.backbone(x_t, t, context)
+    shared = (student, main.hidden, main.tokens.context, main.tokens.timestep_proj, x_t)
+
+    def blocks_only(y):  # the head with only its blocks checkpointed
+        hidden, temb, modulation = student.head_input(y, t, t, main)
+        hidden = student.wan.run_blocks(main.tokens, student.split, student.num_blocks, hidden, modulation)
+        return student.wan.unembed(hidden, temb, main.tokens.grid)
+
+    y = torch.randn(SHAPE, generator=g, requires_grad=True)
+    with torch.no_grad():
+        hidden, temb, _ = student.head_input(y, t, t, main)
+    fusion = saved_bytes(lambda y_: student.head_input(y_, t, t, main)[0], y, exclude=shared)
+    output = saved_bytes(lambda h: student.wan.unembed(h, temb, main.tokens.grid), hidden.requires_grad_(),
+                         exclude=(*shared, temb))
+    before = saved_bytes(blocks_only, y, exclude=shared)
+    after = saved_bytes(lambda y_: student.head(y_, t, t, main), y, exclude=shared)
+    kept_inputs = 4 * (y.nelement() + hidden.nelement() + temb.nelement()) + 2 * 8 * t.nelement()  # + s, r
+    assert after <= before - fusion - output + kept_inputs, (before, after, fusion, output)
+    assert after < 0.6 * before
+
+    grads = []
+    for head in (blocks_only, lambda y_: student.head(y_, t, t, main)):
+        student.zero_grad()
+        y.grad = None
+        head(y).square().sum().backward(retain_graph=True)
+        grads.append([y.grad.clone()] + [p.grad.clone() for p in student.parameters() if p.grad is not None])
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(*grads))

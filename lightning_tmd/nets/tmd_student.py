@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from diffusers.models.embeddings import TimestepEmbedding
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lightning_tmd.nets.wan import WanNet, WanTokens, wan_timestep, weight_dtype
 from lightning_tmd.schedulers import TMDScheduler
@@ -191,12 +192,24 @@ class TMDStudent(nn.Module):
         return temb, self.wan.time_modulation(temb)
 
     def head(self, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor, main: MainFeature) -> torch.Tensor:
-        """head_theta(y_s, s, r; m): the last H blocks on fuse(m, y_s), then the output layers."""
+        """head_theta(y_s, s, r; m): the last H blocks on fuse(m, y_s), then the output layers.
+
+        With activation checkpointing (`model.checkpoint_blocks`) the layers around the blocks are checkpointed
+        per head call too: the fusion and the output layer would otherwise keep ~2 blocks' worth of activations
+        for each of the N calls (the memory table's `fusion` and `output` columns)."""
+        recompute = self.wan.checkpoint_blocks and torch.is_grad_enabled()
+        fuse = (lambda *a: checkpoint(self.head_input, *a, use_reentrant=False)) if recompute else self.head_input
+        hidden, temb, modulation = fuse(y_s, s, r, main)
+        hidden = self.wan.run_blocks(main.tokens, self.split, self.num_blocks, hidden, modulation)
+        unembed = (lambda *a: checkpoint(self.wan.unembed, *a, use_reentrant=False)) if recompute else self.wan.unembed
+        return main.read_output(unembed(hidden, temb, main.tokens.grid))
+
+    def head_input(self, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor,
+                   main: MainFeature) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first head block's input fuse(m, patch_embed(y_s)) and the head's (temb, modulation)."""
         temb, modulation = self.head_time(s, r, main.hidden.dtype)
         y_tokens = self.wan.patchify(y_s.to(main.hidden.dtype), main.tokens.positions)
-        hidden = self.fusion(main.hidden, y_tokens, modulation)
-        hidden = self.wan.run_blocks(main.tokens, self.split, self.num_blocks, hidden, modulation)
-        return main.read_output(self.wan.unembed(hidden, temb, main.tokens.grid))
+        return self.fusion(main.hidden, y_tokens, modulation), temb, modulation
 
     def inner_estimate(self, head: torch.Tensor, main: MainFeature) -> torch.Tensor:
         """The head's estimate of the inner target y: the head itself for y = x1 - x; for y = x (Table 10) the
