@@ -1,11 +1,12 @@
 """Sampling latency of the teacher and the students, side by side in one process, against their effective NFE.
 
 For each model and batch size: one warm-up call, then the median of `--repeats` timed calls of its sampler
-(noise to clips, text embeddings precomputed). The speed-up over the reference (the first model, e.g. the
-teacher's 50 CFG steps) is set next to the ratio of effective NFE: a sampler without overhead beyond its
-network passes reaches a speed-up equal to that ratio. `s / NFE` (seconds per batch over effective NFE) shows
-what one NFE costs: CFG counts two NFE per step but runs them in one batched forward, which at batch 1 (a
-latency-bound call) costs about as much as one unguided pass.
+(noise to clips, text embeddings precomputed). The timed calls go in rounds, one call of every model and batch
+size per round, so that a drift of the machine's speed during the run touches every row alike. The speed-up
+over the reference (the first model, e.g. the teacher's 50 CFG steps) is set next to the ratio of effective
+NFE: a sampler without overhead beyond its network passes reaches a speed-up equal to that ratio. `s / NFE`
+(seconds per batch over effective NFE) shows what one NFE costs: CFG counts two NFE per step but runs them in
+one batched forward, which at batch 1 (a latency-bound call) costs about as much as one unguided pass.
 
     python experiments/latency.py --out experiments/results/latency.md \
         --model "teacher=runs/pipeline/shapes/teacher/checkpoints/last.ckpt" \
@@ -27,15 +28,11 @@ from lightning_tmd.generators import load_generator
 from lightning_tmd.sampling import seeded_noise
 
 
-def median_time(module, sampler: dict, positive, negative, noise, repeats: int) -> float:
-    """Median wall time of `repeats` calls of module.sample after one warm-up call."""
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        module.sample(positive, negative, noise=noise, **sampler)
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed_call(case: dict) -> float:
+    """Wall time of one call of the case's sampler."""
+    start = time.perf_counter()
+    case["module"].sample(case["positive"], case["negative"], noise=case["noise"], **case["sampler"])
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -49,20 +46,26 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     samplers = {k: json.loads(v) for k, v in (item.rsplit("=", 1) for item in args.sampler)}
-    rows = []
+    cases = []
     for item in args.model:
         label, ckpt = item.rsplit("=", 1)
         loaded = load_generator(ckpt)
         for batch in args.batch:
-            positive = loaded.prompts(["a red circle moving up"] * batch).states
-            negative = loaded.prompts.negative(batch).states
-            noise = seeded_noise(list(range(batch)), loaded.clip_shape)
-            sampler = samplers.get(label, {})
-            with torch.no_grad():
-                nfe = loaded.module.sample(positive, negative, noise=noise, **sampler)[1]
-                seconds = median_time(loaded.module, sampler, positive, negative, noise, args.repeats)
-            rows.append({"model": label, "sampler": sampler, "nfe": float(nfe), "batch": batch, "seconds": seconds})
-            print(rows[-1], flush=True)
+            cases.append({"model": label, "batch": batch, "module": loaded.module, "sampler": samplers.get(label, {}),
+                          "positive": loaded.prompts(["a red circle moving up"] * batch).states,
+                          "negative": loaded.prompts.negative(batch).states,
+                          "noise": seeded_noise(list(range(batch)), loaded.clip_shape), "times": []})
+    with torch.no_grad():
+        for case in cases:  # warm-up, and the effective NFE
+            case["nfe"] = float(case["module"].sample(case["positive"], case["negative"], noise=case["noise"],
+                                                      **case["sampler"])[1])
+        for _ in range(args.repeats):
+            for case in cases:
+                case["times"].append(timed_call(case))
+    rows = [{"model": c["model"], "sampler": c["sampler"], "nfe": c["nfe"], "batch": c["batch"],
+             "seconds": statistics.median(c["times"]), "times": c["times"]} for c in cases]
+    for row in rows:
+        print(row, flush=True)
     reference = {r["batch"]: r for r in rows if r["model"] == rows[0]["model"]}
     header = ("| model | eff. NFE | batch | s / batch (median) | s / clip | ms / NFE | speed-up | NFE ratio "
               "| speed-up / NFE |")
@@ -76,9 +79,10 @@ def main() -> None:
                      f"{speedup:.1f}x | {ratio:.1f}x | {speedup / ratio:.2f} |")
     command = "python experiments/latency.py " + " ".join(
         [f'--model "{m}"' for m in args.model] + [f"--sampler '{s}'" for s in args.sampler])
-    body = (f"Median of {args.repeats} timed calls after one warm-up, {args.threads} CPU threads, one process, nothing "
-            "else running; text embeddings precomputed. Speed-up against the first row at the same batch size. A CFG "
-            "step counts two NFE but runs them as one forward pass of a doubled batch.\n\n"
+    body = (f"Median of {args.repeats} timed calls after one warm-up, in rounds (one call of every row per round), "
+            f"{args.threads} CPU threads, one process, nothing else running; text embeddings precomputed. Speed-up "
+            "against the first row at the same batch size. A CFG step counts two NFE but runs them as one forward "
+            "pass of a doubled batch.\n\n"
             + "\n".join(lines))
     print(write_report(args.out, "Sampling latency against effective NFE", command, body))
     with open(args.out.removesuffix(".md") + ".json", "w") as f:
