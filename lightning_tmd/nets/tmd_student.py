@@ -16,12 +16,12 @@ output is read the same way at the outer step, c_skip(t) x_t + c_out(t) F, so th
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from diffusers.models.embeddings import TimestepEmbedding
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lightning_tmd.nets.wan import WanNet, WanTokens, wan_timestep, weight_dtype
 from lightning_tmd.schedulers import TMDScheduler
@@ -46,25 +46,20 @@ class MainFeature:
     t: torch.Tensor | None = None  # (B,), float64
 
     def select(self, index: torch.Tensor) -> MainFeature:
-        def pick(value: torch.Tensor | None) -> torch.Tensor | None:
-            return None if value is None else value[index]
-
-        return replace(self, tokens=self.tokens.select(index), hidden=self.hidden[index], skip=pick(self.skip),
-                       out_scale=pick(self.out_scale), x_t=pick(self.x_t), t=pick(self.t))
+        return replace(self, tokens=self.tokens.select(index), hidden=self.hidden[index],
+                       **self.optional(lambda v: v[index], ("skip", "out_scale", "x_t", "t")))
 
     def detach(self) -> MainFeature:
-        def detached(value: torch.Tensor | None) -> torch.Tensor | None:
-            return None if value is None else value.detach()
-
-        return replace(self, hidden=self.hidden.detach(), skip=detached(self.skip), x_t=detached(self.x_t))
+        return replace(self, hidden=self.hidden.detach(), **self.optional(torch.Tensor.detach, ("skip", "x_t")))
 
     def to(self, dtype: torch.dtype) -> MainFeature:
         """Every floating-point tensor but the times in `dtype` (the stage-1 derivative holds m fixed in fp32)."""
-        def cast(value: torch.Tensor | None) -> torch.Tensor | None:
-            return None if value is None else value.to(dtype)
+        return replace(self, tokens=self.tokens.to(dtype), hidden=self.hidden.to(dtype),
+                       **self.optional(lambda v: v.to(dtype), ("skip", "out_scale", "x_t")))
 
-        return replace(self, tokens=self.tokens.to(dtype), hidden=self.hidden.to(dtype), skip=cast(self.skip),
-                       out_scale=cast(self.out_scale), x_t=cast(self.x_t))
+    def optional(self, fn: Callable[[torch.Tensor], torch.Tensor], names: tuple[str, ...]) -> dict:
+        """{name: fn(field)} for the optional fields `names`, None where a field is None."""
+        return {name: None if getattr(self, name) is None else fn(getattr(self, name)) for name in names}
 
     def read_output(self, out: torch.Tensor) -> torch.Tensor:
         """The head's raw Wan output as a velocity-like prediction (itself unless EDM-preconditioned)."""
@@ -197,12 +192,9 @@ class TMDStudent(nn.Module):
         With activation checkpointing (`model.checkpoint_blocks`) the layers around the blocks are checkpointed
         per head call too: the fusion and the output layer would otherwise keep ~2 blocks' worth of activations
         for each of the N calls (the memory table's `fusion` and `output` columns)."""
-        recompute = self.wan.checkpoint_blocks and torch.is_grad_enabled()
-        fuse = (lambda *a: checkpoint(self.head_input, *a, use_reentrant=False)) if recompute else self.head_input
-        hidden, temb, modulation = fuse(y_s, s, r, main)
+        hidden, temb, modulation = self.wan.checkpointed(self.head_input, y_s, s, r, main)
         hidden = self.wan.run_blocks(main.tokens, self.split, self.num_blocks, hidden, modulation)
-        unembed = (lambda *a: checkpoint(self.wan.unembed, *a, use_reentrant=False)) if recompute else self.wan.unembed
-        return main.read_output(unembed(hidden, temb, main.tokens.grid))
+        return main.read_output(self.wan.checkpointed(self.wan.unembed, hidden, temb, main.tokens.grid))
 
     def head_input(self, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor,
                    main: MainFeature) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

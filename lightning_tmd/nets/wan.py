@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -343,13 +344,16 @@ class WanNet(nn.Module):
         """
         h = tokens.hidden if hidden is None else hidden
         mod = tokens.timestep_proj if timestep_proj is None else timestep_proj
-        use_checkpoint = self.checkpoint_blocks and torch.is_grad_enabled()
         for block in self.transformer.blocks[start:stop]:
-            if use_checkpoint:
-                h = checkpoint(block, h, tokens.context, mod, tokens.rotary, use_reentrant=False)
-            else:
-                h = block(h, tokens.context, mod, tokens.rotary)
+            h = self.checkpointed(block, h, tokens.context, mod, tokens.rotary)
         return h
+
+    def checkpointed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args), recomputed in backward instead of keeping its activations when `checkpoint_blocks` is on
+        and gradients are being recorded."""
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def unembed(self, hidden: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """Output AdaLN (fp32 norm), projection and unpatchify: (B, L, D) -> (B, C_out, T, H, W)."""
