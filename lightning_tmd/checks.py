@@ -219,35 +219,38 @@ def check_dmd(cfg: DictConfig, model: dict) -> None:
         raise ValueError(f"stage.module.student: {extra} do not apply to the {student.kind} student; remove them "
                          f"(~stage.module.student.{extra[0]})")
     path = module.get("student_ckpt")
-    if not path:
-        if student.kind == "tmd":
-            defaults = inspect.signature(StudentModule.__init__).parameters
-            inherit_student_shape(student, {key: defaults[key].default for key in STUDENT_ARCHITECTURE})
-            check_head_blocks(student.head_blocks, blocks, "stage.module.student.head_blocks")
-        return
+    trained = trained_student_settings(cfg, student.kind, path) if path else None
+    if student.kind == "tmd":
+        defaults = inspect.signature(StudentModule.__init__).parameters
+        stage1_defaults = {key: defaults[key].default for key in STUDENT_ARCHITECTURE}
+        inherit_student_shape(student, stage1_defaults if trained is None else trained)
+        check_head_blocks(student.head_blocks, blocks, "stage.module.student.head_blocks")
+        for key in STUDENT_ARCHITECTURE:
+            if trained is not None and trained[key] != student[key]:
+                raise ValueError(f"stage.module.student.{key}={student[key]} but stage.module.student_ckpt was "
+                                 f"trained with {key}={trained[key]}: leave it null to take {trained[key]}, or "
+                                 "train stage 1 with these settings")
+
+
+def trained_student_settings(cfg: DictConfig, kind: str, path: str) -> dict:
+    """The hyper-parameters of the student in stage 2's `student_ckpt`, which must hold a `kind` student
+    trained with this run's model, text and clips."""
     hint = ("Train stage 1 first: python -m lightning_tmd.train stage=tm experiment=shapes_tmd_stage1"
-            if student.kind == "tmd" else "Train the KD warm-up first: python -m lightning_tmd.train "
+            if kind == "tmd" else "Train the KD warm-up first: python -m lightning_tmd.train "
             "stage=kd experiment=shapes_kd")
     checkpoint = check_matching_checkpoint(cfg, "stage.module.student_ckpt", path, hint)
     trained_stage = checkpoint.get("run_config", {}).get("stage", {}).get("name")
-    if trained_stage == "teacher" and student.kind == "tmd":  # a one-pass student may start from the teacher
+    if trained_stage == "teacher" and kind == "tmd":  # a one-pass student may start from the teacher
         raise ValueError(f"stage.module.student_ckpt holds a teacher (stage=teacher), not a student. {hint}, and "
                          "pass the teacher as stage.module.teacher_ckpt")
     trained = checkpoint["hyper_parameters"]
     trained = trained.get("student", trained)  # a stage-2 checkpoint holds its student's settings
     trained_kind = "tmd" if "head_blocks" in trained else "one_pass"
-    if trained_kind != student.kind:
+    if trained_kind != kind:
         raise ValueError(f"stage.module.student_ckpt holds a {trained_kind} student but stage.module.student.kind "
-                         f"is {student.kind}: choose stage/student@stage.module.student={trained_kind} or another "
+                         f"is {kind}: choose stage/student@stage.module.student={trained_kind} or another "
                          "checkpoint")
-    if student.kind == "tmd":
-        inherit_student_shape(student, trained)
-        check_head_blocks(student.head_blocks, blocks, "stage.module.student.head_blocks")
-        for key in STUDENT_ARCHITECTURE:
-            if trained[key] != student[key]:
-                raise ValueError(f"stage.module.student.{key}={student[key]} but stage.module.student_ckpt was "
-                                 f"trained with {key}={trained[key]}: leave it null to take {trained[key]}, or "
-                                 "train stage 1 with these settings")
+    return dict(trained)
 
 
 def inherit_student_shape(student: DictConfig, source: dict) -> None:

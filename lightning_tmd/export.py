@@ -29,7 +29,7 @@ from lightning_tmd.app import CONFIG_DIR, describe
 from lightning_tmd.checkpoints import sampling_weights
 from lightning_tmd.diffusers_pipeline import RUN_CONFIG_FILE, TMDPipeline, TMDStudentModel
 from lightning_tmd.generators import clip_shape, run_config
-from lightning_tmd.modules.dmd import STUDENTS, DMDModule
+from lightning_tmd.modules.dmd import STUDENTS, DMDModule, student_settings
 from lightning_tmd.modules.one_pass import OnePassStudent
 from lightning_tmd.modules.student import StudentModule
 from lightning_tmd.nets.codec import resolve_vae_folder
@@ -74,8 +74,8 @@ def read_student(path: Path) -> StudentCheckpoint:
     module_class = get_class(target)
     hparams = dict(checkpoint["hyper_parameters"])
     if issubclass(module_class, DMDModule):
-        args = {key: value for key, value in hparams["student"].items() if value is not None}  # None: the default
-        kind, owner = args.pop("kind", "tmd"), "student."
+        kind, args = student_settings(hparams["student"])
+        owner = "student."
         args["model"] = hparams["model"]
     elif issubclass(module_class, StudentModule):
         kind, args, owner = "tmd", hparams, ""

@@ -39,6 +39,14 @@ from lightning_tmd.parallel import full_value, reshard, shard_for_strategy
 from lightning_tmd.schedules import broadcast_time, interpolate
 
 STUDENTS: dict[str, type[GeneratorModule]] = {"tmd": StudentModule, "one_pass": OnePassStudent}
+
+
+def student_settings(student: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(kind, constructor arguments) of stage 2's student settings; a None setting takes the class default."""
+    settings = {key: value for key, value in student.items() if value is not None}
+    return settings.pop("kind", "tmd"), settings
+
+
 TEACHER_PREFIX = "teacher."
 
 
@@ -84,8 +92,7 @@ class DMDModule(L.LightningModule):
                  grad_clip: float | None = 1.0, histogram_every: int = 100, teacher_dtype: str | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
-        student_args = {key: value for key, value in student.items() if value is not None}  # None: the default
-        kind = student_args.pop("kind", "tmd")
+        kind, student_args = student_settings(student)
         if kind not in STUDENTS:
             raise ValueError(f"stage.module.student.kind '{kind}' is unknown: use one of {tuple(STUDENTS)}")
         if student_every < 2:
