@@ -43,7 +43,7 @@ def measure(variant: str, steps: int) -> dict:
     from hydra.utils import instantiate
 
     from lightning_tmd.losses import discriminator_loss, generator_gan_loss
-    from lightning_tmd.nets.wan import wan_timestep
+    from lightning_tmd.nets.wan_parts import wan_timestep
     from lightning_tmd.schedules import interpolate
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -34,7 +34,7 @@ from lightning_tmd.modules.one_pass import OnePassStudent
 from lightning_tmd.modules.student import StudentModule
 from lightning_tmd.nets.codec import resolve_vae_folder
 from lightning_tmd.nets.text import PretrainedTextEncoder, PromptEncoder, VocabTextEncoder
-from lightning_tmd.nets.wan import transformer_config
+from lightning_tmd.nets.wan_folder import transformer_config
 
 DTYPES = ("float32", "bfloat16")
 TMD_SETTINGS = ("head_blocks", "inner_steps", "inner_shift", "fusion", "inner_target", "clean_estimate")

@@ -12,7 +12,8 @@ from lightning_tmd.nets.text import (
     VocabTextEncoder,
     pretrained_text_dim,
 )
-from lightning_tmd.nets.wan import WanNet, edm_coefficients
+from lightning_tmd.nets.wan import WanNet
+from lightning_tmd.nets.wan_parts import edm_coefficients
 
 
 def inputs(batch=2):

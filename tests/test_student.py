@@ -11,7 +11,8 @@ from conftest import TINY_WAN
 from lightning_tmd.losses import finite_difference_dds, jvp_dds
 from lightning_tmd.modules.student import StudentModule
 from lightning_tmd.nets.tmd_student import TMDStudent
-from lightning_tmd.nets.wan import WanNet, edm_coefficients, wan_timestep
+from lightning_tmd.nets.wan import WanNet
+from lightning_tmd.nets.wan_parts import edm_coefficients, wan_timestep
 from lightning_tmd.sampling import effective_nfe, tmd_sample
 from lightning_tmd.schedules import grid_floor, interpolate, shifted_grid
 

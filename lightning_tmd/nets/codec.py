@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_tmd.nets.wan import resolve_component_folder
+from lightning_tmd.nets.wan_folder import resolve_component_folder
 
 FRAME_CHUNK = 4  # frames after the first are encoded in chunks of four
 

@@ -23,7 +23,8 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding
 from torch import nn
 
-from lightning_tmd.nets.wan import WanNet, WanTokens, wan_timestep, weight_dtype
+from lightning_tmd.nets.wan import WanNet, WanTokens
+from lightning_tmd.nets.wan_parts import wan_timestep, weight_dtype
 from lightning_tmd.schedulers import TMDScheduler
 from lightning_tmd.schedules import broadcast_time
 

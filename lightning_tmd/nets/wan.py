@@ -8,13 +8,12 @@ so that the TMD student (backbone + flow head) and the discriminator (block feat
     h = net.run_blocks(tokens, k, net.num_blocks, h)  # blocks [k, L)
     v = net.unembed(h, tokens.temb, tokens.grid)      # AdaLN output norm, projection, unpatchify
 
-`timestep` is on Wan's 0-1000 scale (1000 * t).
+`timestep` is on Wan's 0-1000 scale (1000 * t). The diffusers-folder lookup lives in `wan_folder`; the
+timestep, EDM-preconditioning and position-plane helpers in `wan_parts`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,13 +25,20 @@ from diffusers import WanTransformer3DModel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_tmd.schedules import broadcast_time
-
-WEIGHT_FILES = (
-    "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.safetensors.index.json",
-    "diffusion_pytorch_model.bin",
+from lightning_tmd.nets.wan_folder import (
+    resolve_transformer_folder,
+    transformer_config,  # noqa: F401  (checks.py still imports it from here; its home is wan_folder)
 )
+from lightning_tmd.nets.wan_parts import (
+    PREDICTIONS,
+    cast_floats,
+    edm_coefficients,
+    fourier_position_planes,
+    position_planes,
+    wan_timestep,
+    weight_dtype,
+)
+from lightning_tmd.schedules import broadcast_time
 
 
 @dataclass
@@ -57,95 +63,6 @@ class WanTokens:
         return replace(self, hidden=self.hidden.to(dtype), context=self.context.to(dtype), temb=self.temb.to(dtype),
                        timestep_proj=self.timestep_proj.to(dtype), rotary=cast_floats(self.rotary, dtype),
                        positions=None if self.positions is None else self.positions.to(dtype))
-
-
-def cast_floats(value: Any, dtype: torch.dtype) -> Any:
-    """Floating-point tensors in `value` (a tensor, or a tuple / list of them) in `dtype`; the rest unchanged."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(cast_floats(v, dtype) for v in value)
-    return value
-
-
-def weight_dtype(layer: nn.Module) -> torch.dtype:
-    """The dtype a layer computes in without autocast: its weight's (bf16 when FSDP gathers it in bf16).
-    The nets cast activations to it themselves, because FSDP does not cast their inputs: it would round the
-    times too (parallel.py)."""
-    return layer.weight.dtype
-
-
-def wan_timestep(t: torch.Tensor) -> torch.Tensor:
-    """Wan's timestep input: 1000 t as float32, shape (B,)."""
-    return (1000.0 * t).float()
-
-
-def resolve_component_folder(path: str | Path, subfolder: str, field: str, component: str) -> Path:
-    """The folder holding a diffusers component's config.json and weights: `path` itself, or its
-    `subfolder` when `path` is the root of a `Wan2.1-T2V-*-Diffusers` repository (transformer/, vae/).
-    Raises FileNotFoundError naming `field` and what is missing."""
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"{field}: the folder '{root}' does not exist. Point {field} at a local diffusers folder (a "
-            f"Wan2.1-T2V-*-Diffusers repository or its {subfolder}/ subfolder)."
-        )
-    folder = root / subfolder if (root / subfolder).is_dir() else root
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{field}: '{folder}' has no config.json (expected a diffusers {component} folder, "
-                                f"or a Wan diffusers folder holding {subfolder}/)")
-    weights = [name for name in WEIGHT_FILES if (folder / name).is_file()]
-    if not weights:
-        raise FileNotFoundError(f"{field}: '{folder}' has no {component} weights: expected one of "
-                                f"{', '.join(WEIGHT_FILES)}")
-    if weights[0].endswith(".index.json"):
-        index = json.loads((folder / weights[0]).read_text())
-        missing = sorted({f for f in index["weight_map"].values() if not (folder / f).is_file()})
-        if missing:
-            raise FileNotFoundError(f"{field}: '{folder}' is incomplete, missing shard(s): {', '.join(missing)}")
-    return folder
-
-
-def resolve_transformer_folder(path: str | Path) -> Path:
-    """`model.path` (a Wan diffusers repository or its transformer/ folder) -> the transformer's folder."""
-    return resolve_component_folder(path, "transformer", "model.path", "transformer")
-
-
-def transformer_config(path: str | Path) -> dict[str, Any]:
-    """Read a diffusers transformer config.json without loading weights."""
-    return json.loads((resolve_transformer_folder(path) / "config.json").read_text())
-
-
-PREDICTIONS = ("velocity", "edm")
-
-
-def edm_coefficients(t: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c_skip, c_out) of EDM's preconditioning on the flow path x_t = (1 - t) x + t noise, for the velocity
-    target v = noise - x: v = c_skip x_t + c_out F. c_skip minimises E|v - c_skip x_t|^2 for data of second
-    moment sigma_data^2 and c_out is the remaining RMS, so F's target has unit scale at every t:
-
-        c_skip = (t - (1 - t) sd^2) / (t^2 + (1 - t)^2 sd^2),   c_out = sd / sqrt(t^2 + (1 - t)^2 sd^2).
-
-    At t = 1 this is v = x_t + sd F (F predicts -x / sd; the input noise passes through exactly, where a
-    velocity net has to copy it through every block); at t = 0 it is v = -x_t + F (F predicts the noise)."""
-    s, sd2 = 1 - t, sigma_data**2
-    denominator = t**2 + s**2 * sd2
-    return (t - s * sd2) / denominator, sigma_data / denominator.sqrt()
-
-
-def position_planes(frequencies: int) -> int:
-    """Input channels that `fourier_position_planes` adds: sin and cos per axis (t, y, x) and frequency."""
-    return 6 * frequencies
-
-
-def fourier_position_planes(size: tuple[int, int, int], frequencies: int, device: torch.device | str = "cpu",
-                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(6F, T, H, W): sin and cos of 2^k (pi / 2) u for k < F, u in [-1, 1] the coordinate along each axis.
-    The lowest frequency is monotone across the clip, so the first and last frame (or column) differ."""
-    axes = [torch.linspace(-1, 1, n, device=device, dtype=torch.float64) for n in size]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (3, T, H, W)
-    angles = torch.cat([grid * (math.pi / 2 * 2**k) for k in range(frequencies)])
-    return torch.cat([angles.sin(), angles.cos()]).to(dtype)
 
 
 class WanNet(nn.Module):
