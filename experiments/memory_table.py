@@ -8,7 +8,7 @@ tokens, 512 text tokens) and batch 1 per GPU.
 Parameters come from the project's classes built on the meta device; activations from what autograd
 saves in one real Wan block (CPU, small token counts, linear in tokens) and in the other parts (meta,
 full size), calibrated against the H100 measurements of `experiments/gpu_check.py`
-(experiments/results/gpu_check_*.md). See `lightning_tmd/memory.py`. Takes about a minute on 2 cores.
+(experiments/results/gpu_check_*.md). See `lightning_tmd/analysis/memory.py`. Takes about a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from benchmarking import write_report
 from diffusers.utils import logging as diffusers_logging
 
-from lightning_tmd.memory import (
+from lightning_tmd.analysis.memory import (
     WAN21_T2V_1_3B,
     WAN21_T2V_14B,
     ActivationProfile,

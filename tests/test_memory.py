@@ -12,7 +12,7 @@ from conftest import TINY_WAN
 from diffusers import WanTransformer3DModel
 from torch.utils.data import DataLoader
 
-from lightning_tmd.memory import (
+from lightning_tmd.analysis.memory import (
     WAN21_T2V_1_3B,
     Setup,
     Stage,

@@ -323,7 +323,7 @@ def test_a_sample_target_student_at_init_ends_its_inner_flow_at_the_teachers_cle
 def test_a_checkpointed_head_keeps_only_the_inputs_of_its_fusion_and_output_layers():
     """With model.checkpoint_blocks each head call recomputes its fusion and output layers in backward: what it
     saves drops by what those layers saved, down to their inputs, and the gradients stay the same."""
-    from lightning_tmd.memory import saved_bytes
+    from lightning_tmd.analysis.memory import saved_bytes
 
     torch.manual_seed(0)
     student = TMDStudent(WanNet.from_config({**TINY_WAN, "num_layers": 4}, checkpoint_blocks=True), 2)

@@ -1,0 +1,1 @@
+"""Cost models for planning runs, not used by training."""
