@@ -126,7 +126,7 @@ def stage2(student: dict, batch_size: int, iterations: int) -> dict:
             assert all(torch.isfinite(v).all() for v in outputs.values()), outputs
 
     torch.manual_seed(0)
-    module = DMDModule(MODEL, student, discriminator=DISCRIMINATOR)
+    module = DMDModule(MODEL, {"lr": 1e-5, "warmup_steps": 0, **student}, critic={"discriminator": DISCRIMINATOR})
     timer = Timer()
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=iterations, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -43,7 +43,6 @@ def measure(variant: str, steps: int) -> dict:
     from hydra.utils import instantiate
 
     from lightning_tmd.losses import discriminator_loss, generator_gan_loss
-    from lightning_tmd.nets.wan_parts import wan_timestep
     from lightning_tmd.schedules import interpolate
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -90,7 +89,7 @@ def measure(variant: str, steps: int) -> dict:
         return run
 
     student_params = list(module.student.net.parameters())
-    critic_params = list(module.critic.net.parameters()) + list(module.discriminator.parameters())
+    critic_params = list(module.critic.parameters())
     x_hat = module.student_sample(x, context).detach()
     x_hat_t = interpolate(x_hat, noise, t)
 
@@ -100,10 +99,10 @@ def measure(variant: str, steps: int) -> dict:
 
     def gan_critic():
         with torch.no_grad():
-            features = module.teacher.net.block_features(torch.cat([x_hat_t, interpolate(x, noise, t)]),
-                                                         wan_timestep(torch.cat([t, t])),
-                                                         torch.cat([context, context]), module.discriminator.blocks)
-        fake, real = module.discriminator(features).chunk(2)
+            features = module.teacher.discriminator_features(torch.cat([x_hat_t, interpolate(x, noise, t)]),
+                                                             torch.cat([t, t]), torch.cat([context, context]),
+                                                             module.critic.discriminator.blocks)
+        fake, real = module.critic.discriminator(features).chunk(2)
         discriminator_loss(real, fake).backward()
 
     def adam_step(optimizer, params):
@@ -127,7 +126,7 @@ def measure(variant: str, steps: int) -> dict:
             "student forward (no grad)": lambda: torch.no_grad()(module.student_sample)(x, context),
             "fake-score denoising fwd+bwd": with_grads(list(module.critic.net.parameters()), lambda: module.critic
                                                        .denoising_loss_on(x_hat, context, t, noise).backward()),
-            "teacher features (2B) + D fwd+bwd": with_grads(list(module.discriminator.parameters()), gan_critic),
+            "teacher features (2B) + D fwd+bwd": with_grads(list(module.critic.discriminator.parameters()), gan_critic),
             "AdamW step": adam_step(critic_opt, critic_params),
         },
     }

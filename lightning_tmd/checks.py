@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_tmd.checkpoints import read_checkpoint
 from lightning_tmd.data.shapes import clip_key
-from lightning_tmd.nets.wan import transformer_config
+from lightning_tmd.nets.wan_folder import transformer_config
 from lightning_tmd.optim import check_optimizer
 
 
@@ -53,9 +53,10 @@ def check_values(cfg: DictConfig) -> None:
         if cfg.data.get(key) is not None:
             check_positive(f"data.{key}", cfg.data[key])
     module = cfg.stage.module
-    for key in ("lr", "lr_student", "lr_critic", "lr_discriminator"):
-        if module.get(key) is not None:
-            check_positive(f"stage.module.{key}", module[key], float)
+    for key in ("lr", "student.lr", "critic.lr", "critic.lr_discriminator"):
+        value = OmegaConf.select(module, key)
+        if value is not None:
+            check_positive(f"stage.module.{key}", value, float)
     check_device("trainer.accelerator", cfg.trainer.get("accelerator", "auto"))
 
 
@@ -205,9 +206,10 @@ def check_dmd(cfg: DictConfig, model: dict) -> None:
     and a setting given explicitly must equal it (stage 1 is specific to its grids, docs/method.md Q5)."""
     module, blocks = cfg.stage.module, model["num_layers"]
     check_teacher_source(cfg, "stage.module.teacher_ckpt", module.get("teacher_ckpt"))
-    bad = [b for b in module.discriminator.blocks if not 1 <= b <= blocks]
+    bad = [b for b in module.critic.discriminator.blocks if not 1 <= b <= blocks]
     if bad:
-        raise ValueError(f"stage.module.discriminator.blocks {bad} are outside the teacher's blocks 1..{blocks}")
+        raise ValueError(f"stage.module.critic.discriminator.blocks {bad} are outside the teacher's blocks "
+                         f"1..{blocks}")
     student = module.student
     from lightning_tmd.modules.dmd import STUDENTS
     from lightning_tmd.modules.student import StudentModule

@@ -73,7 +73,9 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", ema: bo
                          "checkpoint of that run (its checkpoints/step_*.ckpt)")
     config = run_config(checkpoint, path)
     module_class = get_class(config["stage"]["module"]["_target_"])
-    module = module_class.load_from_checkpoint(path, map_location=device).eval()
+    upgrade = getattr(module_class, "upgrade_hparams", None)  # a checkpoint of an earlier argument layout
+    overrides = upgrade(checkpoint["hyper_parameters"]) if upgrade else {}
+    module = module_class.load_from_checkpoint(path, map_location=device, **overrides).eval()
     if not ema:
         drop_ema(module)
     text = config["text"]

@@ -63,12 +63,13 @@ class MuonAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, muon_params: list[torch.nn.Parameter], adamw_params: list[torch.nn.Parameter], lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, momentum: float = 0.95) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, momentum: float = 0.95,
+                 eps: float = 1e-8) -> None:
         if not muon_params:
             raise ValueError("optimizer=muon: the net has no weight matrices in transformer blocks")
         self.muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                      adjust_lr_fn="match_rms_adamw")
-        self.adamw = torch.optim.AdamW(adamw_params, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.adamw = torch.optim.AdamW(adamw_params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
         super().__init__([{"params": muon_params + adamw_params}], {"lr": lr})
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
         self.muon.state = self.adamw.state = self.state
@@ -100,7 +101,7 @@ def check_optimizer(name: str) -> None:
 
 
 def build_optimizer(net: torch.nn.Module, name: str, lr: float, betas: tuple[float, float],
-                    weight_decay: float) -> torch.optim.Optimizer:
+                    weight_decay: float, eps: float = 1e-8) -> torch.optim.Optimizer:
     """AdamW on every parameter (`adamw`), or Muon on the blocks' weight matrices and AdamW on the rest
     (`muon`, `MuonAdamW`)."""
     check_optimizer(name)
@@ -108,5 +109,5 @@ def build_optimizer(net: torch.nn.Module, name: str, lr: float, betas: tuple[flo
         hidden = set(hidden_matrices(net))
         named = list(net.named_parameters())
         return MuonAdamW([p for n, p in named if n in hidden], [p for n, p in named if n not in hidden], lr, betas,
-                         weight_decay)
-    return torch.optim.AdamW(net.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+                         weight_decay, eps=eps)
+    return torch.optim.AdamW(net.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)

@@ -135,7 +135,7 @@ CASES = [
       "stage.module.student.outer_steps=1"], r"stage.module.student.outer_steps=1 but"),
     ("discriminator block outside the teacher", "train",
      ["experiment=shapes_smoke_dmd", "stage.module.teacher_ckpt={teacher}", "stage.module.student_ckpt={student}",
-      "stage.module.discriminator.blocks=[1,9]"], r"discriminator.blocks \[9\]"),
+      "stage.module.critic.discriminator.blocks=[1,9]"], r"discriminator.blocks \[9\]"),
     ("sample: missing checkpoint", "sample", ["ckpt={tmp}/none.ckpt"], r"ckpt: no checkpoint"),
     ("sample: checkpoint is random bytes", "sample", ["ckpt={random}"], r"ckpt: .* is not a readable checkpoint"),
     ("sample: zero fps", "sample", ["ckpt={teacher}", "fps=0"], r"fps=0 must be a positive integer"),

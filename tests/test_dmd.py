@@ -20,8 +20,8 @@ from lightning_tmd.train import train
 
 SMOKE_TEXT = ["text=vocab", "text.encoder.dim=16", "text.encoder.max_length=16"]
 SMOKE_SIZES = ["model=wan_smoke", "data=shapes_smoke", "data.speed=0.06", *SMOKE_TEXT,
-               "stage.module.discriminator.blocks=[1,2]", "stage.module.discriminator.widths=[8,16,16]",
-               "stage.module.discriminator.mlp_width=8"]
+               "stage.module.critic.discriminator.blocks=[1,2]", "stage.module.critic.discriminator.widths=[8,16,16]",
+               "stage.module.critic.discriminator.mlp_width=8"]
 
 
 class Recorder(L.Callback):
@@ -105,7 +105,8 @@ def test_dmd_checkpoint_samples_without_the_teacher(kind, nfe, smoke_checkpoint,
 def tiny_dmd(**kwargs) -> DMDModule:
     model = {"path": None, "config": dict(TINY_WAN), "dtype": "float32"}
     module = DMDModule(model, kwargs.pop("student", {"kind": "tmd", "head_blocks": 1, "inner_steps": 2}),
-                       discriminator={"blocks": [1, 3], "widths": [8, 8, 8], "mlp_width": 8}, **kwargs)
+                       critic=kwargs.pop("critic", {"discriminator": {"blocks": [1, 3], "widths": [8, 8, 8],
+                                                                       "mlp_width": 8}}), **kwargs)
     module.teacher = TeacherModule(model, ema_decay=None).eval().requires_grad_(False)
     return module
 
@@ -132,6 +133,36 @@ def test_gradients_reach_every_student_parameter_through_all_inner_steps(rollout
     assert all(o.grad is not None and o.grad.abs().sum() > 0 for o in outputs)
     missing = [name for name, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing
+
+
+def test_each_role_brings_its_own_optimizer_and_schedule():
+    module = tiny_dmd(student={"kind": "tmd", "head_blocks": 1, "lr": 2e-5, "warmup_steps": 0},
+                      critic={"discriminator": {"blocks": [1], "widths": [8, 8, 8], "mlp_width": 8},
+                              "lr": 3e-5, "lr_discriminator": 4e-5, "adam_eps": 1e-6})
+    (student, critic), schedules = module.configure_optimizers()
+    assert [(g["name"], g["lr"]) for g in student.param_groups] == [("student", 2e-5)]
+    assert [(g["name"], g["lr"], g["eps"]) for g in critic.param_groups] == [("fake_score", 3e-5, 1e-6),
+                                                                          ("discriminator", 4e-5, 1e-6)]
+    discriminator = {id(p) for p in module.critic.discriminator.parameters()}
+    assert {id(p) for p in critic.param_groups[1]["params"]} == discriminator
+    assert [type(s["scheduler"]).__name__ for s in schedules] == ["LambdaLR", "LambdaLR"]
+    assert module.critic.configure_optimizers()["optimizer"].param_groups[0]["lr"] == 3e-5  # the same source
+
+
+def test_checkpoint_of_the_earlier_argument_layout_loads(tmp_path):
+    module = tiny_dmd()
+    discriminator = {"blocks": [1, 3], "widths": [8, 8, 8], "mlp_width": 8}
+    legacy = {"model": module.hparams.model, "student": {"kind": "tmd", "head_blocks": 1, "inner_steps": 2},
+              "discriminator": discriminator, "t_shift": 3.0, "lr_student": 2e-5, "lr_critic": 3e-5,
+              "lr_discriminator": 4e-5, "betas": [0.9, 0.99], "weight_decay": 0.01, "adam_eps": 1e-8}
+    state = {k.replace("critic.discriminator.", "discriminator."): v for k, v in module.state_dict().items()}
+    path = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": legacy, "pytorch-lightning_version": L.__version__}, path)
+    assert DMDModule.upgrade_hparams(dict(module.hparams)) == {}
+    loaded = DMDModule.load_from_checkpoint(path, **DMDModule.upgrade_hparams(legacy))
+    assert loaded.critic.hparams.t_shift == 3.0 and loaded.critic.hparams.lr_discriminator == 4e-5
+    assert loaded.student.hparams.lr == 2e-5 and loaded.student.hparams.warmup_steps == 0
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in module.state_dict().items())
 
 
 def test_student_input_is_noised_data_on_the_outer_grid_or_backward_simulated():
@@ -220,7 +251,7 @@ def test_kd_warmup_generates_caches_and_regresses_teacher_pairs(smoke_checkpoint
         (["stage.module.teacher_ckpt=null"], ValueError, "teacher_ckpt is null"),
         (["stage.module.student.inner_steps=4"], ValueError, "inner_steps=4"),
         (["stage.module.student.outer_shift=3.0"], ValueError, "outer_shift=3.0 but stage.module.student_ckpt"),
-        (["stage.module.discriminator.blocks=[1,3]"], ValueError, "discriminator.blocks"),
+        (["stage.module.critic.discriminator.blocks=[1,3]"], ValueError, "discriminator.blocks"),
         (["stage/student@stage.module.student=one_pass", "~stage.module.student.head_blocks"], ValueError,
          "holds a tmd student"),
         (["stage/student@stage.module.student=one_pass"], ValueError, r"\['head_blocks'\] do not apply"),

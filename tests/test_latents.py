@@ -415,8 +415,8 @@ def test_wan_experiments_compose_the_paper_settings(tmp_path):
     small = compose_train(["experiment=wan_tmd", "model.path=/wan", "data.path=/shards",
                            "stage.module.student_ckpt=s.ckpt"], tmp_path)
     assert small.stage.module.student.head_blocks == 5 and small.stage.module.student.inner_steps == 2
-    assert list(small.stage.module.discriminator.blocks) == [16, 23, 30]  # the paper's 0-based 15, 22, 29
-    assert small.stage.module.lr_student == small.stage.module.lr_critic == 1e-5
+    assert list(small.stage.module.critic.discriminator.blocks) == [16, 23, 30]  # the paper's 0-based 15, 22, 29
+    assert small.stage.module.student.lr == small.stage.module.critic.lr == 1e-5
     assert small.trainer.strategy._target_.endswith("DDPStrategy") and small.trainer.max_steps == 4000
     large = compose_train(["experiment=wan_tmd_stage1", "model=wan2.1_t2v_14b", "strategy=fsdp", "model.path=/wan",
                            "data.path=/shards"], tmp_path)
@@ -424,7 +424,7 @@ def test_wan_experiments_compose_the_paper_settings(tmp_path):
     assert large.stage.module.lr == 1e-5 and large.trainer.strategy._target_.endswith("FSDP2Strategy")
     dmd2v = compose_train(["experiment=wan_dmd2v", "model=wan2.1_t2v_14b", "model.path=/wan", "data.path=/s"], tmp_path)
     assert dmd2v.stage.module.student.kind == "one_pass"
-    assert list(dmd2v.stage.module.discriminator.blocks) == [20, 30, 40]
+    assert list(dmd2v.stage.module.critic.discriminator.blocks) == [20, 30, 40]
 
 
 def test_wan_folder_errors_name_the_field_and_the_missing_file(tmp_path):
@@ -446,7 +446,7 @@ def test_wan_stage1_then_stage2_run_on_a_tiny_wan_folder(tiny_wan_folder, shards
     assert torch.isfinite(torch.tensor(stage1["train/loss"]))
     student = tmp_path / "tm" / "checkpoints" / "last.ckpt"
     stage2 = train(compose_train(["experiment=wan_tmd", *common, f"stage.module.student_ckpt={student}",
-                                  "stage.module.teacher_dtype=null", "stage.module.discriminator.mlp_width=8"],
+                                  "stage.module.teacher_dtype=null", "stage.module.critic.discriminator.mlp_width=8"],
                                  tmp_path / "dmd"))
     assert torch.isfinite(torch.tensor(stage2["train/vsd"]))
     gifs = list((tmp_path / "dmd").rglob("samples/*.gif"))

@@ -86,7 +86,7 @@ def build_stage(config: dict, stage: Stage, device: str | torch.device = "meta")
         student = {"kind": stage.student, "ema_decay": ema, **(head if stage.student == "tmd" else {})}
         discriminator = {"blocks": list(stage.disc_blocks), "widths": list(stage.disc_widths),
                          "mlp_width": stage.disc_mlp_width}
-        module = DMDModule(model, student, discriminator=discriminator)
+        module = DMDModule(model, student, critic={"discriminator": discriminator})
         module.teacher = TeacherModule(model, ema_decay=None).eval().requires_grad_(False)
     return module
 
@@ -106,7 +106,7 @@ def count_roles(module: StudentModule | DMDModule) -> list[Role]:
             raise ValueError("count_roles: the DMDModule has no teacher yet (build it with build_stage)")
         student = module.student
         roles = [role_of("student", "trained", student.net), role_of("critic", "trained", module.critic.net),
-                 role_of("discriminator", "trained", module.discriminator),
+                 role_of("discriminator", "trained", module.critic.discriminator),
                  role_of("teacher", "frozen", module.teacher.net)]
     else:
         student = module

@@ -1,5 +1,5 @@
-"""What every trainable generator module shares: an EMA of `self.net` for sampling, AdamW with a
-warm-up schedule, and condition dropout to the negative prompt."""
+"""What every trainable role shares: an EMA of `self.net` for sampling, its optimizer with a warm-up
+schedule (also what stage 2 steps for the role), and condition dropout to the negative prompt."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from lightning_tmd.parallel import reshard, shard_for_strategy
 class GeneratorModule(L.LightningModule):
     """Base for modules whose trained network is `self.net`.
 
-    Subclasses call `init_ema(decay)` after building `self.net`, and keep `lr`, `betas`,
-    `weight_decay`, `warmup_steps`, `lr_schedule`, `min_lr_ratio` and `cond_dropout` in hparams.
+    Subclasses call `init_ema(decay)` after building `self.net`, and keep `lr`, `betas`, `weight_decay`,
+    `adam_eps`, `warmup_steps`, `lr_schedule`, `min_lr_ratio` and `cond_dropout` in hparams. A role trained by
+    another module (stage 2's student and critic) is stepped there with the optimizer and schedule of its own
+    `configure_optimizers`, so its learning rate is set in one place.
     """
 
     net: nn.Module
@@ -61,14 +63,22 @@ class GeneratorModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.update_ema()
 
+    def extra_param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups trained beside `self.net` by the same optimizer (none by default)."""
+        return []
+
     def update_ema(self) -> None:
         if self.ema is not None:
             reshard(self.net)  # under FSDP: average the sharded weights
             self.ema.update_parameters(self.net)
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The role's optimizer (`build_optimizer`, plus `extra_param_groups`) and its per-step LR schedule."""
         hp = self.hparams
-        optimizer = build_optimizer(self.net, hp.get("optimizer", "adamw"), hp.lr, tuple(hp.betas), hp.weight_decay)
+        optimizer = build_optimizer(self.net, hp.get("optimizer", "adamw"), hp.lr, tuple(hp.betas), hp.weight_decay,
+                                    hp.adam_eps)
+        for group in self.extra_param_groups():
+            optimizer.add_param_group(group)
         trainer = self._trainer  # None outside a Trainer (benchmarks, notebooks)
         total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else None
         factor = warmup_then_decay(hp.warmup_steps, hp.lr_schedule, total, hp.min_lr_ratio)

@@ -1,44 +1,67 @@
-"""CriticModule: the fake score of DMD. A Wan initialised from the teacher, x0-parameterised
-(x0 = x_t - t v, Eq. 17), trained by denoising on detached, re-noised student samples at t_dmd."""
+"""CriticModule: the critic role of DMD. The fake score, a Wan initialised from the teacher, x0-parameterised
+(x0 = x_t - t v, Eq. 17) and trained by denoising on detached, re-noised student samples at t_dmd; and in
+stage 2 the GAN discriminator heads on the teacher's block features, trained by the same optimizer."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from lightning_tmd.checkpoints import sampling_state_dict
-from lightning_tmd.losses import denoising_loss
+from lightning_tmd.losses import denoising_loss, discriminator_loss
 from lightning_tmd.modules.base import GeneratorModule
+from lightning_tmd.nets.discriminator import Discriminator
 from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.schedules import interpolate, sample_shifted_uniform
 
 
 class CriticModule(GeneratorModule):
-    """The fake score g_fake(x_t, t, c).
+    """The fake score g_fake(x_t, t, c), and optionally the discriminator of DMD2-v's GAN term.
 
     Args:
         model: the teacher's architecture {"path", "config", "dtype", "checkpoint_blocks"}.
         teacher_ckpt: a TeacherModule checkpoint whose (EMA) weights initialise it at the start of fit
             (None: the weights `model` loads).
         t_shift: gamma of t_dmd = shift(U(0.001, 0.999), gamma).
-        lr, betas, weight_decay, warmup_steps, lr_schedule, min_lr_ratio: AdamW with a warm-up.
-    On its own (`training_step`) it denoises the batch's clips; inside stage 2 the DMD module calls
-    `denoising_loss_on(samples, context)` with detached student samples.
+        discriminator: the `Discriminator`'s settings {"blocks": 1-based teacher blocks, "widths", "mlp_width"}
+            ({}: one head on the last block); None: no discriminator.
+        lr, betas, weight_decay, adam_eps, warmup_steps, lr_schedule, min_lr_ratio: AdamW with a warm-up over
+            the fake score and the discriminator, whose parameter group has its own `lr_discriminator`.
+    On its own (`training_step`) it denoises the batch's clips; stage 2 steps it on `update_losses`.
     """
 
     def __init__(self, model: dict[str, Any], teacher_ckpt: str | None = None, t_shift: float = 5.0,
-                 lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01,
+                 discriminator: dict[str, Any] | None = None, lr: float = 1e-5, lr_discriminator: float = 1e-5,
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01, adam_eps: float = 1e-8,
                  warmup_steps: int = 0, lr_schedule: str = "constant", min_lr_ratio: float = 0.1,
                  cond_dropout: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = WanNet.from_settings(model)
+        self.discriminator: Discriminator | None = None
+        if discriminator is not None:
+            settings = {"blocks": [self.net.num_blocks], **discriminator}
+            channels = self.net.inner_dim // math.prod(self.net.patch_size)
+            self.discriminator = Discriminator(in_channels=channels, **settings)
         self.init_ema(None)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.teacher_ckpt:
-            self.net.load_state_dict(sampling_state_dict(self.hparams.teacher_ckpt))
+            self.load_teacher(sampling_state_dict(self.hparams.teacher_ckpt))
+
+    def extra_param_groups(self) -> list[dict[str, Any]]:
+        """The discriminator's parameters, at `lr_discriminator` (the fake score's group is the first)."""
+        if self.discriminator is None:
+            return []
+        return [{"params": list(self.discriminator.parameters()), "lr": self.hparams.lr_discriminator,
+                 "name": "discriminator"}]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        config = super().configure_optimizers()
+        config["optimizer"].param_groups[0]["name"] = "fake_score"
+        return config
 
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """g_fake(x_t, t, c) = x_t - t v_fake(x_t, t, c)."""
@@ -59,6 +82,21 @@ class CriticModule(GeneratorModule):
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return denoising_loss(self.x0(interpolate(x, noise, t), t, context), x)
+
+    def update_losses(self, fake: torch.Tensor, real: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
+                      features: Any) -> dict[str, torch.Tensor]:
+        """The critic's stage-2 loss: fake-score denoising on the (detached) student samples `fake`, plus the
+        discriminator's BCE on `features(x_t, t, context)` (the teacher's) of fake and real clips noised at the
+        same t with the same noise. Returns "loss", its two parts, and the real / fake logits."""
+        noise = torch.randn_like(real)
+        fake_score = self.denoising_loss_on(fake, context, t, noise)
+        both = torch.cat([interpolate(fake.detach(), noise, t), interpolate(real, noise, t)])
+        logits = self.discriminator(features(both, torch.cat([t, t]), torch.cat([context, context]),
+                                             self.discriminator.blocks))
+        fake_logits, real_logits = logits.chunk(2)
+        gan = discriminator_loss(real_logits, fake_logits)
+        return {"loss": fake_score + gan, "fake_score": fake_score, "discriminator": gan,
+                "real_logits": real_logits, "fake_logits": fake_logits}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         context, _ = self.drop_condition(batch)

@@ -1,10 +1,10 @@
 """DMDModule: stage 2 of TMD, DMD2-v with the flow head rolled out inside every outer step, and the
-DMD2-v baseline (docs/method.md §Stage 2, §Baselines). Manual optimization over three trained roles and a
-frozen teacher:
+DMD2-v baseline (docs/method.md §Stage 2, §Baselines). Manual optimization over two trained roles and a
+frozen teacher, each role stepped with the optimizer and schedule of its own `configure_optimizers`:
 
-    iteration k % student_every == 0:  student  <- VSD (guided teacher vs fake score) + lambda GAN
-    otherwise:                         critic   <- denoising of re-noised student samples
-                                       discriminator <- BCE on teacher features of noised real / fake
+    iteration k % student_every == 0:  student <- VSD (guided teacher vs fake score) + lambda GAN
+    otherwise:                         critic  <- fake score: denoising of re-noised student samples
+                                                  + discriminator: BCE on teacher features of noised real / fake
 
 Student inputs are noised data at a point of the student's outer grid (no outer backward simulation;
 DMD2's backward simulation is an option for data-free runs). Noise levels t_dmd = shift_5(U).
@@ -27,14 +27,12 @@ from lightning_tmd.checkpoints import (
     sampling_state_dict,
     sampling_weights,
 )
-from lightning_tmd.losses import discriminator_loss, generator_gan_loss, vsd_gradient, vsd_loss_along
+from lightning_tmd.losses import generator_gan_loss, vsd_gradient, vsd_loss_along
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.modules.critic import CriticModule
 from lightning_tmd.modules.one_pass import OnePassStudent
 from lightning_tmd.modules.student import StudentModule
 from lightning_tmd.modules.teacher import TeacherModule
-from lightning_tmd.nets.discriminator import Discriminator
-from lightning_tmd.nets.wan import wan_timestep
 from lightning_tmd.parallel import full_value, reshard, shard_for_strategy
 from lightning_tmd.schedules import broadcast_time, interpolate
 
@@ -48,6 +46,7 @@ def student_settings(student: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 TEACHER_PREFIX = "teacher."
+LEGACY_DISCRIMINATOR_PREFIX, DISCRIMINATOR_PREFIX = "discriminator.", "critic.discriminator."
 
 
 class DMDModule(L.LightningModule):
@@ -56,40 +55,41 @@ class DMDModule(L.LightningModule):
     Args:
         model: the teacher's architecture {"path", "config", "dtype", "checkpoint_blocks"}; student
             and critic share it.
-        student: {"kind": "tmd" | "one_pass", **arguments of StudentModule / OnePassStudent}
-            (head_blocks, outer_steps, inner_steps, ... for TMD; outer_steps for DMD2-v).
+        student: {"kind": "tmd" | "one_pass", **arguments of StudentModule / OnePassStudent}: the student
+            role with its optimizer settings (lr, warmup_steps, ...; head_blocks, outer_steps, inner_steps, ...
+            for TMD; outer_steps for DMD2-v).
+        critic: arguments of CriticModule: the critic role (fake score and discriminator {"blocks": 1-based
+            teacher blocks, "widths": (c2, c3, c4), "mlp_width"}), its t_dmd shift and its optimizer settings
+            (lr, lr_discriminator, ...).
         teacher_ckpt: the TeacherModule checkpoint of the real score (None: `model.path`'s weights).
             The teacher is rebuilt from it for every fit and never saved into a stage-2 checkpoint.
         student_ckpt: where the student starts: a stage-1 (TMD) or KD (DMD2-v) checkpoint; None:
             the teacher's weights.
-        discriminator: {"blocks": 1-based teacher blocks, "widths": (c2, c3, c4), "mlp_width"}.
         student_every: the student updates on iterations k % student_every == 0, the critic and the
             discriminator on the others (paper: 5, i.e. 4 critic updates per student update).
         guidance_scale: the teacher's CFG in the VSD direction; None: the CFG the teacher checkpoint samples
             with (its `guidance_scale`), or the paper's 5 for a teacher from `model.path`. The VSD target is
-            then the distribution the teacher's own sampler draws. gan_weight: lambda. t_shift: gamma of t_dmd.
+            then the distribution the teacher's own sampler draws. gan_weight: lambda.
         rollout: TMD only; False trains with one head call over [t_max, 0] (docs/method.md Q6 ablation).
         backward_simulation: build the student's input x_{t_i} by running the student (no grad) from
             noise instead of noising data (DMD2); the GAN's real branch still reads the batch.
-        lr_student, lr_critic, lr_discriminator, betas, weight_decay, adam_eps: AdamW per role.
-        grad_clip: max gradient norm of each role (None: no clipping).
+        grad_clip: max gradient norm of each role's parameter group (None: no clipping).
         histogram_every: iterations between TensorBoard histograms of t_dmd and t_student.
         teacher_dtype: dtype of the frozen teacher's weights (e.g. "bfloat16" beside fp32 trained roles:
             half its memory; needs trainer.precision=bf16-mixed). None: the model's dtype.
 
-    Optimizers: the student's, and the critic's, whose two parameter groups are the fake score and
-    the discriminator (each with its own learning rate and its own clipping). They step together on
-    one combined loss; one optimizer step per iteration keeps Lightning's `global_step` equal to the
-    iteration count (it counts every `optimizer.step()` under manual optimization).
+    Optimizers and LR schedules: the roles' own (`configure_optimizers` of each); the critic's two parameter
+    groups, fake score and discriminator, have their own learning rates and clipping and step together on one
+    combined loss. One optimizer step per iteration keeps Lightning's `global_step` equal to the iteration
+    count (it counts every `optimizer.step()` under manual optimization); a role's schedule counts its own
+    steps.
     """
 
-    def __init__(self, model: dict[str, Any], student: dict[str, Any], teacher_ckpt: str | None = None,
-                 student_ckpt: str | None = None, discriminator: dict[str, Any] | None = None,
-                 student_every: int = 5, guidance_scale: float | None = None, gan_weight: float = 0.03,
-                 t_shift: float = 5.0, rollout: bool = True, backward_simulation: bool = False,
-                 lr_student: float = 1e-5, lr_critic: float = 1e-5, lr_discriminator: float = 1e-5,
-                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01, adam_eps: float = 1e-8,
-                 grad_clip: float | None = 1.0, histogram_every: int = 100, teacher_dtype: str | None = None) -> None:
+    def __init__(self, model: dict[str, Any], student: dict[str, Any], critic: dict[str, Any] | None = None,
+                 teacher_ckpt: str | None = None, student_ckpt: str | None = None, student_every: int = 5,
+                 guidance_scale: float | None = None, gan_weight: float = 0.03, rollout: bool = True,
+                 backward_simulation: bool = False, grad_clip: float | None = 1.0, histogram_every: int = 100,
+                 teacher_dtype: str | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         kind, student_args = student_settings(student)
@@ -102,15 +102,30 @@ class DMDModule(L.LightningModule):
                              "guidance), or null for the teacher's own sampling CFG")
         self.save_hyperparameters()
         self.student = STUDENTS[kind](model=model, **student_args)
-        self.critic = CriticModule(model, t_shift=t_shift)
-        net = self.critic.net
-        settings = dict(discriminator or {"blocks": [net.num_blocks]})
-        self.discriminator = Discriminator(in_channels=net.inner_dim // math.prod(net.patch_size), **settings)
+        self.critic = CriticModule(model, **{"discriminator": {}, **(critic or {})})
+        if self.critic.discriminator is None:
+            raise ValueError("stage.module.critic.discriminator is null: stage 2 trains a discriminator; give its "
+                             "settings ({} for one head on the last teacher block)")
         self.teacher: TeacherModule | None = None  # built for fitting only (`configure_model`)
         # the real score's CFG; with a teacher checkpoint and no explicit scale, read from it in `configure_model`
         self.real_guidance = guidance_scale if guidance_scale is not None or teacher_ckpt else PAPER_GUIDANCE
         self.iteration = 0  # own counter: decides who updates; checkpointed
         self._times: dict[str, list[torch.Tensor]] = {"t_dmd": [], "t_student": []}
+
+    @staticmethod
+    def upgrade_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+        """The constructor arguments, in today's layout, of a DMDModule checkpoint written while the roles'
+        optimizer settings were DMDModule's own (lr_student, lr_critic, lr_discriminator, betas, weight_decay,
+        adam_eps, t_shift and discriminator at the top level); {} for a checkpoint of today's layout. Pass them
+        as overrides to `load_from_checkpoint` (`generators.load_generator` does)."""
+        if "critic" in hparams or "lr_student" not in hparams:
+            return {}
+        optim = {key: hparams[key] for key in ("betas", "weight_decay", "adam_eps") if key in hparams}
+        student = {**hparams["student"], "lr": hparams["lr_student"], "warmup_steps": 0, **optim}
+        critic = {"lr": hparams.get("lr_critic", 1e-5), "lr_discriminator": hparams.get("lr_discriminator", 1e-5),
+                  "t_shift": hparams.get("t_shift", 5.0), "discriminator": dict(hparams.get("discriminator") or {}),
+                  **optim}
+        return {"student": student, "critic": critic}
 
     # -- what sampling and evaluation see ---------------------------------------------------------
     @property
@@ -145,7 +160,7 @@ class DMDModule(L.LightningModule):
             self.real_guidance = sampling_guidance(checkpoint)
         if teacher_weights is not None:  # else model.path's weights are already in all three
             teacher.net.load_state_dict(teacher_weights)
-            self.critic.net.load_state_dict(teacher_weights)
+            self.critic.load_teacher(teacher_weights)
         if hp.student_ckpt:
             self.student.load_weights(sampling_state_dict(hp.student_ckpt))
         elif teacher_weights is not None:
@@ -160,16 +175,11 @@ class DMDModule(L.LightningModule):
             self.teacher.eval()
         return self
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        hp = self.hparams
-        kwargs = {"betas": tuple(hp.betas), "weight_decay": hp.weight_decay, "eps": hp.adam_eps}
-        student = torch.optim.AdamW([{"params": list(self.student.net.parameters()), "lr": hp.lr_student,
-                                      "name": "student"}], **kwargs)
-        critic = torch.optim.AdamW([
-            {"params": list(self.critic.net.parameters()), "lr": hp.lr_critic, "name": "fake_score"},
-            {"params": list(self.discriminator.parameters()), "lr": hp.lr_discriminator, "name": "discriminator"},
-        ], **kwargs)
-        return [student, critic]
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
+        """The student's and the critic's own optimizers and LR schedules, in that order."""
+        roles = [self.student.configure_optimizers(), self.critic.configure_optimizers()]
+        roles[0]["optimizer"].param_groups[0]["name"] = "student"
+        return [role["optimizer"] for role in roles], [role["lr_scheduler"] for role in roles]
 
     def on_train_start(self) -> None:
         self.log("train/real_guidance", float(self.real_guidance), rank_zero_only=True)
@@ -192,7 +202,10 @@ class DMDModule(L.LightningModule):
         return state
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
-        """Strict about everything except the teacher, which checkpoints do not hold."""
+        """Strict about everything except the teacher, which checkpoints do not hold. Reads the discriminator of
+        checkpoints written while it sat beside the critic (`discriminator.*`)."""
+        state_dict = {(DISCRIMINATOR_PREFIX + k.removeprefix(LEGACY_DISCRIMINATOR_PREFIX)
+                       if k.startswith(LEGACY_DISCRIMINATOR_PREFIX) else k): v for k, v in state_dict.items()}
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if not k.startswith(TEACHER_PREFIX)]
         if strict and (missing or result.unexpected_keys):
@@ -246,13 +259,14 @@ class DMDModule(L.LightningModule):
             return x_t - broadcast_time(t, x_t) * v
 
     def discriminate(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Discriminator logits (B, heads) on the frozen teacher's block features of x_t."""
-        features = self.teacher.net.block_features(x_t, wan_timestep(t), context.to(x_t.dtype),
-                                                    self.discriminator.blocks)
-        return self.discriminator(features)
+        """The critic's discriminator logits (B, heads) on the frozen teacher's block features of x_t."""
+        discriminator = self.critic.discriminator
+        return discriminator(self.teacher.discriminator_features(x_t, t, context, discriminator.blocks))
 
-    def clip_and_step(self, optimizer) -> dict[str, torch.Tensor]:
-        """Clip each parameter group (role) to `grad_clip`, step; returns the pre-clip gradient norms."""
+    def clip_and_step(self, role: int) -> dict[str, torch.Tensor]:
+        """Clip each parameter group of role `role` (0: student, 1: critic) to `grad_clip`, step its optimizer
+        and LR schedule; returns the pre-clip gradient norms by group name."""
+        optimizer, schedule = self.optimizers()[role], self.lr_schedulers()[role]
         norms = {}
         max_norm = self.hparams.grad_clip or float("inf")
         for group in optimizer.param_groups:
@@ -260,6 +274,7 @@ class DMDModule(L.LightningModule):
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
             norms[group["name"]] = full_value(norm)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)  # free this role's gradients while the other roles train
         # under FSDP the nets' own weights (embeddings, fusion, output layers) stay gathered after a forward
         # without backward (e.g. the student's samples in a critic update): drop the gathered copies, so the
@@ -291,7 +306,7 @@ class DMDModule(L.LightningModule):
                 out["d_fake_logit_student_step"] = logits.detach().mean()
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
-            norms = self.clip_and_step(optimizer)
+            norms = self.clip_and_step(0)
         self.student.update_ema()
         out["vsd_grad_norm"] = direction.flatten(1).norm(dim=1).mean() / math.sqrt(direction[0].numel())
         out["grad_norm_student"] = norms["student"]
@@ -299,30 +314,25 @@ class DMDModule(L.LightningModule):
         return out
 
     def critic_update(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Fake-score denoising on detached student samples + discriminator BCE, real and fake noised
-        at the same t and with the same noise."""
+        """The critic's loss (`CriticModule.update_losses`) on detached student samples and the batch."""
         optimizer = self.optimizers()[1]
         x, context = batch["video"], batch["context"]
         with self.toggled_optimizer(optimizer):
             with torch.no_grad():
                 x_hat = self.student_sample(x, context)
             t = self.sample_t_dmd(len(x))
-            noise = torch.randn_like(x)
-            fake_score = self.critic.denoising_loss_on(x_hat, context, t, noise)
-            both = torch.cat([interpolate(x_hat, noise, t), interpolate(x, noise, t)])
-            logits = self.discriminate(both, torch.cat([t, t]), torch.cat([context, context]))
-            fake_logits, real_logits = logits.chunk(2)
-            disc = discriminator_loss(real_logits, fake_logits)
-            loss = fake_score + disc
+            losses = self.critic.update_losses(x_hat, x, context, t, self.teacher.discriminator_features)
             optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            norms = self.clip_and_step(optimizer)
+            self.manual_backward(losses["loss"])
+            norms = self.clip_and_step(1)
+        real_logits, fake_logits = losses["real_logits"].detach(), losses["fake_logits"].detach()
         real_right, fake_right = (real_logits > 0).float().mean(), (fake_logits < 0).float().mean()
-        return {"fake_score_loss": fake_score.detach(), "discriminator_loss": disc.detach(),
-                "d_real_logit": real_logits.detach().mean(), "d_fake_logit": fake_logits.detach().mean(),
+        return {"fake_score_loss": losses["fake_score"].detach(),
+                "discriminator_loss": losses["discriminator"].detach(),
+                "d_real_logit": real_logits.mean(), "d_fake_logit": fake_logits.mean(),
                 "d_accuracy": (real_right + fake_right) / 2, "d_accuracy_real": real_right,
                 "d_accuracy_fake": fake_right, "grad_norm_fake_score": norms["fake_score"],
-                "grad_norm_discriminator": norms["discriminator"], "critic_loss": loss.detach()}
+                "grad_norm_discriminator": norms["discriminator"], "critic_loss": losses["loss"].detach()}
 
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         """One iteration: the student's update or the critic's; returns its (detached) losses."""

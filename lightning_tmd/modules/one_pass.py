@@ -25,14 +25,15 @@ class OnePassStudent(GeneratorModule):
             the weights `model` loads).
         outer_steps, outer_shift, t_max: M and the shifted outer grid (gamma 10; 5 for 4 steps): the module's
             `self.scheduler` (a `OnePassScheduler`).
-        lr, betas, weight_decay, warmup_steps, lr_schedule, min_lr_ratio, ema_decay: for KD training.
+        lr, betas, weight_decay, adam_eps, warmup_steps, lr_schedule, min_lr_ratio, ema_decay: its AdamW and
+            schedule (KD training, and stage 2 when it is the DMD2-v student).
     """
 
     def __init__(self, model: dict[str, Any], teacher_ckpt: str | None = None, outer_steps: int = 1,
                  outer_shift: float = 10.0, t_max: float = 0.999, lr: float = 7e-5,
-                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01, warmup_steps: int = 0,
-                 lr_schedule: str = "constant", min_lr_ratio: float = 0.1, ema_decay: float | None = None,
-                 cond_dropout: float = 0.0) -> None:
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01, adam_eps: float = 1e-8,
+                 warmup_steps: int = 0, lr_schedule: str = "constant", min_lr_ratio: float = 0.1,
+                 ema_decay: float | None = None, cond_dropout: float = 0.0) -> None:
         super().__init__()
         if outer_steps < 1:
             raise ValueError(f"outer_steps={outer_steps} must be >= 1")

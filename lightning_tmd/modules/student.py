@@ -38,7 +38,8 @@ class StudentModule(GeneratorModule):
         s_shift: gamma of s = shift(U(0.001, 0.999)). guidance_scale: CFG of the target velocity.
         derivative: "finite_difference" (delta = fd_delta, fp64 arithmetic) or "jvp" (torch.func.jvp).
         norm_constant: c of the adaptive loss as a multiple of d = dim(y_s) (1: c = d).
-        lr, betas, weight_decay, warmup_steps, lr_schedule, min_lr_ratio, ema_decay: as TeacherModule.
+        lr, betas, weight_decay, adam_eps, warmup_steps, lr_schedule, min_lr_ratio, ema_decay: as TeacherModule
+            (stage 2 steps the student with this optimizer and schedule too).
     """
 
     def __init__(self, model: dict[str, Any], teacher_ckpt: str | None = None, head_blocks: int = 2,
@@ -48,8 +49,9 @@ class StudentModule(GeneratorModule):
                  r_equals_s: float = 0.75, s_shift: float = 3.0, guidance_scale: float = 3.0,
                  cond_dropout: float = 0.1, derivative: str = "finite_difference", fd_delta: float = 5e-3,
                  norm_constant: float = 1.0, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.01, warmup_steps: int = 100, lr_schedule: str = "constant",
-                 min_lr_ratio: float = 0.1, ema_decay: float | None = None, t_max: float = 0.999) -> None:
+                 weight_decay: float = 0.01, adam_eps: float = 1e-8, warmup_steps: int = 100,
+                 lr_schedule: str = "constant", min_lr_ratio: float = 0.1, ema_decay: float | None = None,
+                 t_max: float = 0.999) -> None:
         super().__init__()
         for name, value, allowed in (("objective", objective, OBJECTIVES), ("derivative", derivative, DERIVATIVES),
                                      ("clean_estimate", clean_estimate, CLEAN_ESTIMATES)):

@@ -10,6 +10,7 @@ import torch
 from lightning_tmd.losses import flow_matching_loss
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.nets.wan import WanNet
+from lightning_tmd.nets.wan_parts import wan_timestep
 from lightning_tmd.optim import check_optimizer
 from lightning_tmd.sampling import check_guidance_interval, euler_sample, guided_velocity_fn, noise_seeded_generator
 from lightning_tmd.schedules import (
@@ -29,7 +30,7 @@ class TeacherModule(GeneratorModule):
         model: {"path": diffusers folder or None, "config": WanTransformer3DModel kwargs,
             "dtype": torch dtype name used when loading, "checkpoint_blocks": bool}.
         optimizer: "adamw", or "muon" (Muon on the blocks' weight matrices, AdamW on the rest; `MuonAdamW`).
-        lr, betas, weight_decay, warmup_steps: the optimizer's, with a linear warm-up, then `lr_schedule`:
+        lr, betas, weight_decay, adam_eps, warmup_steps: the optimizer's, with a linear warm-up, then `lr_schedule`:
             "constant", or "cosine" decay to `min_lr_ratio * lr` at the trainer's `max_steps`.
         time_sampling: "logit_normal" or "shifted_uniform" (with `time_shift`).
         high_noise_fraction, high_noise_min: that fraction of the training times is drawn from
@@ -40,10 +41,11 @@ class TeacherModule(GeneratorModule):
     """
 
     def __init__(self, model: dict[str, Any], optimizer: str = "adamw", lr: float = 5e-4,
-                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01, warmup_steps: int = 200,
-                 lr_schedule: str = "constant", min_lr_ratio: float = 0.1, time_sampling: str = "logit_normal",
-                 time_shift: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0,
-                 high_noise_fraction: float = 0.0, high_noise_min: float = 0.9, cond_dropout: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01, adam_eps: float = 1e-8,
+                 warmup_steps: int = 200, lr_schedule: str = "constant", min_lr_ratio: float = 0.1,
+                 time_sampling: str = "logit_normal", time_shift: float = 1.0, logit_mean: float = 0.0,
+                 logit_std: float = 1.0, high_noise_fraction: float = 0.0, high_noise_min: float = 0.9,
+                 cond_dropout: float = 0.1,
                  ema_decay: float | None = 0.999, sample_steps: int = 50, sample_shift: float = 3.0,
                  guidance_scale: float = 4.0, guidance_interval: tuple[float, float] | None = None,
                  sample_churn: float = 0.0) -> None:
@@ -73,6 +75,12 @@ class TeacherModule(GeneratorModule):
                           torch.cat([context, negative_context]), net)
         cond, uncond = v.chunk(2)
         return uncond + scale * (cond - uncond)
+
+    def discriminator_features(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                               blocks: list[int]) -> list[torch.Tensor]:
+        """The unpatchified hidden states after the 1-based `blocks` at (x_t, t in [0, 1], c): what stage 2's
+        discriminator heads read (Table 3)."""
+        return self.net.block_features(x_t, wan_timestep(t), context.to(x_t.dtype), blocks)
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -25,10 +25,7 @@ from diffusers import WanTransformer3DModel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_tmd.nets.wan_folder import (
-    resolve_transformer_folder,
-    transformer_config,  # noqa: F401  (checks.py still imports it from here; its home is wan_folder)
-)
+from lightning_tmd.nets.wan_folder import resolve_transformer_folder
 from lightning_tmd.nets.wan_parts import (
     PREDICTIONS,
     cast_floats,
