@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     overrides = ["stage=teacher", "experiment=shapes_teacher_base", "data.max_objects=1",
-                 f"data.batch_size={args.batch_size}", "stage.module.warmup_steps=0", *args.overrides]
+                 f"data.batch_size={args.batch_size}", "stage.module.optim.warmup_steps=0", *args.overrides]
     cfg, datamodule, module, optimizer, next_batch = teacher_training(overrides)  # AdamW at a constant lr
     test, train = one_object_sets(cfg.data, args.clips)
     bound = mean_clip_error(train, test, ["color"]) - mean_clip_error(train, test, ["color", "direction"])

@@ -33,7 +33,7 @@ VARIANTS: dict[str, list[str]] = {
     "tpatch2_bs16": ["model.config.patch_size=[2,4,4]", "data.batch_size=16"],
     "patch8_bs32": ["model.config.patch_size=[1,8,8]", "data.batch_size=32"],
     "t2p8_bs64": ["model.config.patch_size=[2,8,8]", "data.batch_size=64"],
-    "patch8_bs32_lr2e-3": ["model.config.patch_size=[1,8,8]", "data.batch_size=32", "stage.module.lr=2e-3"],
+    "patch8_bs32_lr2e-3": ["model.config.patch_size=[1,8,8]", "data.batch_size=32", "stage.module.optim.lr=2e-3"],
     "patch8_bs32_w192": ["model.config.patch_size=[1,8,8]", "data.batch_size=32",
                          "model.config.num_attention_heads=6", "model.config.ffn_dim=384"],
     "patch8_bs32_shift3": ["model.config.patch_size=[1,8,8]", "data.batch_size=32",

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lightning_tmd.checkpoints import read_checkpoint
 from lightning_tmd.data.shapes import clip_key
 from lightning_tmd.nets.wan_folder import transformer_config
-from lightning_tmd.optim import check_optimizer
+from lightning_tmd.optim import OptimizerSettings, check_optimizer
 
 
 def model_settings(cfg: DictConfig) -> dict:
@@ -53,7 +53,11 @@ def check_values(cfg: DictConfig) -> None:
         if cfg.data.get(key) is not None:
             check_positive(f"data.{key}", cfg.data[key])
     module = cfg.stage.module
-    for key in ("lr", "student.lr", "critic.lr", "critic.lr_discriminator"):
+    for key in ("optim", "student.optim", "critic.optim"):
+        settings = OmegaConf.select(module, key)
+        if settings is not None:
+            OptimizerSettings.resolve({}, OmegaConf.to_container(settings), f"stage.module.{key}")
+    for key in ("optim.lr", "student.optim.lr", "critic.optim.lr", "critic.lr_discriminator"):
         value = OmegaConf.select(module, key)
         if value is not None:
             check_positive(f"stage.module.{key}", value, float)
@@ -181,11 +185,11 @@ def check_teacher(cfg: DictConfig) -> None:
     if not 0 <= low < 0.999:
         raise ValueError(f"stage.module.high_noise_min={low}: the high-noise times are drawn from "
                          "U(high_noise_min, 0.999); give a value in [0, 0.999)")
-    optimizer = module.get("optimizer", defaults["optimizer"].default)
+    optimizer = OmegaConf.select(module, "optim.name", default=None) or "adamw"
     check_optimizer(optimizer)
     if optimizer == "muon" and "FSDP" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
-        raise ValueError("stage.module.optimizer=muon orthogonalises whole weight matrices, which FSDP2 shards: "
-                         "use strategy=ddp, or stage.module.optimizer=adamw with strategy=fsdp")
+        raise ValueError("stage.module.optim.name=muon orthogonalises whole weight matrices, which FSDP2 shards: "
+                         "use strategy=ddp, or stage.module.optim.name=adamw with strategy=fsdp")
 
 
 def check_student(cfg: DictConfig, model: dict) -> None:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
+
+SCHEDULES = ("constant", "cosine")
 
 
 def warmup_then_decay(warmup_steps: int, schedule: str, total_steps: int | None,
                       min_ratio: float) -> Callable[[int], float]:
     """LR factor per step: linear warm-up, then constant or cosine decay to `min_ratio` at `total_steps`."""
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule '{schedule}' is unknown: use 'constant' or 'cosine'")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule '{schedule}' is unknown: use one of {SCHEDULES}")
     if schedule == "cosine" and not total_steps:
-        raise ValueError("lr_schedule 'cosine' needs trainer.max_steps")
+        raise ValueError("optim.schedule 'cosine' needs trainer.max_steps")
     warmup = max(1, warmup_steps)
 
     def factor(step: int) -> float:
@@ -97,7 +101,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
 def check_optimizer(name: str) -> None:
     if name not in OPTIMIZERS:
-        raise ValueError(f"stage.module.optimizer='{name}' is unknown: use one of {OPTIMIZERS}")
+        raise ValueError(f"stage.module.optim.name='{name}' is unknown: use one of {OPTIMIZERS}")
 
 
 def build_optimizer(net: torch.nn.Module, name: str, lr: float, betas: tuple[float, float],
@@ -111,3 +115,62 @@ def build_optimizer(net: torch.nn.Module, name: str, lr: float, betas: tuple[flo
         return MuonAdamW([p for n, p in named if n in hidden], [p for n, p in named if n not in hidden], lr, betas,
                          weight_decay, eps=eps)
     return torch.optim.AdamW(net.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+FLAT_OPTIM_KEYS = {"optimizer": "name", "lr": "lr", "betas": "betas", "weight_decay": "weight_decay", "adam_eps": "eps",
+                   "warmup_steps": "warmup_steps", "lr_schedule": "schedule", "min_lr_ratio": "min_lr_ratio"}
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """A role's optimizer and learning-rate schedule: a role module's `optim` argument (in the configs
+    `stage.module.optim`, and in stage 2 `stage.module.student.optim` / `stage.module.critic.optim`).
+
+    name: "adamw", or "muon" (Muon on the blocks' weight matrices, AdamW on the rest; `MuonAdamW`).
+    lr, betas, weight_decay, eps: the optimizer's. warmup_steps: linear warm-up of the learning rate, then
+    `schedule`: "constant", or "cosine" decay to `min_lr_ratio * lr` at the trainer's `max_steps`.
+    """
+
+    name: str = "adamw"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))  # a list from YAML or hparams
+
+    @classmethod
+    def resolve(cls, defaults: Mapping[str, Any], settings: Mapping[str, Any] | None,
+                field: str = "optim") -> dict[str, Any]:
+        """`settings` over a role's `defaults` over the class defaults, checked, as a plain dict (what the
+        role saves in its hyper-parameters). `field` names the settings in errors."""
+        values = {**defaults, **dict(settings or {})}
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{field}.{unknown[0]} is not an optimizer setting: use {', '.join(known)}")
+        check_optimizer(values.get("name", cls.name))
+        warmup_then_decay(0, values.get("schedule", cls.schedule), 1, 0.0)  # an unknown schedule fails here
+        settled = asdict(cls(**values))
+        return {**settled, "betas": [float(b) for b in settled["betas"]]}
+
+    @staticmethod
+    def from_flat(hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """The settings held by a checkpoint of the earlier layout, where they were a role's own arguments
+        (optimizer, lr, betas, weight_decay, adam_eps, warmup_steps, lr_schedule, min_lr_ratio)."""
+        return {new: hparams[old] for old, new in FLAT_OPTIM_KEYS.items() if old in hparams}
+
+    def build(self, net: torch.nn.Module, extra_groups: list[dict[str, Any]] = ()) -> torch.optim.Optimizer:
+        """The optimizer over `net` (`build_optimizer`), with `extra_groups` added (AdamW only)."""
+        optimizer = build_optimizer(net, self.name, self.lr, self.betas, self.weight_decay, self.eps)
+        for group in extra_groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+    def lr_factor(self, total_steps: int | None) -> Callable[[int], float]:
+        """The LR factor per step (`warmup_then_decay`)."""
+        return warmup_then_decay(self.warmup_steps, self.schedule, total_steps, self.min_lr_ratio)

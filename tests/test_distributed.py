@@ -32,7 +32,7 @@ SAME_ON_EVERY_RANK = ["data.shard=false", "callbacks.rng_state.per_rank=false"]
 # Adam turns the sign of a near-zero gradient (e.g. convolutions behind GroupNorm in the discriminator, where
 # the summation order alone flips it) into an lr-sized step; a larger eps keeps such steps as small as their
 # gradients, so the comparison below checks the computation rather than that amplification.
-ADAM_EPS = ["stage.module.student.adam_eps=1e-4", "stage.module.critic.adam_eps=1e-4"]
+ADAM_EPS = ["stage.module.student.optim.eps=1e-4", "stage.module.critic.optim.eps=1e-4"]
 
 
 def stage2_overrides(teacher: Path, student: Path, *extra: str) -> list[str]:

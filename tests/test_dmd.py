@@ -136,9 +136,9 @@ def test_gradients_reach_every_student_parameter_through_all_inner_steps(rollout
 
 
 def test_each_role_brings_its_own_optimizer_and_schedule():
-    module = tiny_dmd(student={"kind": "tmd", "head_blocks": 1, "lr": 2e-5, "warmup_steps": 0},
+    module = tiny_dmd(student={"kind": "tmd", "head_blocks": 1, "optim": {"lr": 2e-5, "warmup_steps": 0}},
                       critic={"discriminator": {"blocks": [1], "widths": [8, 8, 8], "mlp_width": 8},
-                              "lr": 3e-5, "lr_discriminator": 4e-5, "adam_eps": 1e-6})
+                              "optim": {"lr": 3e-5, "eps": 1e-6}, "lr_discriminator": 4e-5})
     (student, critic), schedules = module.configure_optimizers()
     assert [(g["name"], g["lr"]) for g in student.param_groups] == [("student", 2e-5)]
     assert [(g["name"], g["lr"], g["eps"]) for g in critic.param_groups] == [("fake_score", 3e-5, 1e-6),
@@ -161,7 +161,8 @@ def test_checkpoint_of_the_earlier_argument_layout_loads(tmp_path):
     assert DMDModule.upgrade_hparams(dict(module.hparams)) == {}
     loaded = DMDModule.load_from_checkpoint(path, **DMDModule.upgrade_hparams(legacy))
     assert loaded.critic.hparams.t_shift == 3.0 and loaded.critic.hparams.lr_discriminator == 4e-5
-    assert loaded.student.hparams.lr == 2e-5 and loaded.student.hparams.warmup_steps == 0
+    assert loaded.student.optim.lr == 2e-5 and loaded.student.optim.warmup_steps == 0
+    assert loaded.critic.optim.lr == 3e-5 and loaded.critic.optim.eps == 1e-8
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in module.state_dict().items())
 
 

@@ -416,12 +416,12 @@ def test_wan_experiments_compose_the_paper_settings(tmp_path):
                            "stage.module.student_ckpt=s.ckpt"], tmp_path)
     assert small.stage.module.student.head_blocks == 5 and small.stage.module.student.inner_steps == 2
     assert list(small.stage.module.critic.discriminator.blocks) == [16, 23, 30]  # the paper's 0-based 15, 22, 29
-    assert small.stage.module.student.lr == small.stage.module.critic.lr == 1e-5
+    assert small.stage.module.student.optim.lr == small.stage.module.critic.optim.lr == 1e-5
     assert small.trainer.strategy._target_.endswith("DDPStrategy") and small.trainer.max_steps == 4000
     large = compose_train(["experiment=wan_tmd_stage1", "model=wan2.1_t2v_14b", "strategy=fsdp", "model.path=/wan",
                            "data.path=/shards"], tmp_path)
     assert large.stage.module.inner_steps == 4 and large.stage.module.norm_constant == 1e-5
-    assert large.stage.module.lr == 1e-5 and large.trainer.strategy._target_.endswith("FSDP2Strategy")
+    assert large.stage.module.optim.lr == 1e-5 and large.trainer.strategy._target_.endswith("FSDP2Strategy")
     dmd2v = compose_train(["experiment=wan_dmd2v", "model=wan2.1_t2v_14b", "model.path=/wan", "data.path=/s"], tmp_path)
     assert dmd2v.stage.module.student.kind == "one_pass"
     assert list(dmd2v.stage.module.critic.discriminator.blocks) == [20, 30, 40]

@@ -58,7 +58,7 @@ def test_critic_starts_as_the_teacher_and_learns_to_denoise(smoke_checkpoint):
 
     teacher = TeacherModule.load_from_checkpoint(smoke_checkpoint).eval()
     config = torch.load(smoke_checkpoint, weights_only=False)["run_config"]["model"]
-    critic = CriticModule(model=config, teacher_ckpt=str(smoke_checkpoint), lr=3e-3)
+    critic = CriticModule(model=config, teacher_ckpt=str(smoke_checkpoint), optim={"lr": 3e-3})
     critic.setup("fit")
     g = torch.Generator().manual_seed(0)
     x_t, context = torch.randn(2, 3, 4, 16, 16, generator=g), torch.randn(2, 4, 16, generator=g)

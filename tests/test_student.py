@@ -205,7 +205,8 @@ def tiny_batch(seed: int = 0) -> dict:
 @pytest.mark.parametrize("derivative", ["finite_difference", "jvp"])
 def test_stage1_loss_falls_on_an_overfit_batch(derivative):
     # a stationary target: no CFG (it follows the student's own unconditional prediction)
-    module = tiny_student_module(derivative=derivative, guidance_scale=1.0, lr=2e-3, warmup_steps=1)
+    module = tiny_student_module(derivative=derivative, guidance_scale=1.0,
+                                 optim={"lr": 2e-3, "warmup_steps": 1})
     smooth_in_time(module.net)  # a random time MLP makes d/ds u (and so the MeanFlow target) huge
     optimizer = module.configure_optimizers()["optimizer"]
     batch = tiny_batch()

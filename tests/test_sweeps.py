@@ -31,11 +31,11 @@ def sweep_subfolder(*overrides: str) -> str:
 
 
 def test_a_sweep_subfolder_parses_back_as_a_ckpt_path():
-    plain = sweep_subfolder("experiment=shapes_smoke", "seed=0", "trainer.max_steps=20", "stage.module.lr=1e-4",
+    plain = sweep_subfolder("experiment=shapes_smoke", "seed=0", "trainer.max_steps=20", "stage.module.optim.lr=1e-4",
                             "ckpt_path=runs/x/checkpoints/last.ckpt")
-    assert plain == "seed-0+stage.module.lr-1e-4+trainer.max_steps-20"
-    odd = sweep_subfolder("seed=0", "+tag=data/shapes-v2.1", "stage.module.lr=-1.5e-4")
-    assert odd == "+tag-data/shapes-v2.1+seed-0+stage.module.lr--1.5e-4"
+    assert plain == "seed-0+stage.module.optim.lr-1e-4+trainer.max_steps-20"
+    odd = sweep_subfolder("seed=0", "+tag=data/shapes-v2.1", "stage.module.optim.lr=-1.5e-4")
+    assert odd == "+tag-data/shapes-v2.1+seed-0+stage.module.optim.lr--1.5e-4"
     for name in (plain, odd):
         path = f"multirun/shapes_smoke/2026-01-01_00-00-00/{name}/checkpoints/last.ckpt"
         override = OverridesParser.create().parse_overrides([f"ckpt_path={path}"])[0]
@@ -94,7 +94,7 @@ def test_a_sweep_logs_each_runs_hparams_with_its_final_metrics(tmp_path):
         assert all(name.encode() in hparams["_hparams_/experiment"] for name in metrics)
         assert {*metrics, "perf/s_per_iteration", "perf/clips_per_s"} <= set(events.Tags()["scalars"])
         assert events.Scalars("final/train/loss")[-1].step == steps
-        assert b"stage/module/lr" in hparams["_hparams_/session_start_info"]  # the config, flattened
+        assert b"stage/module/optim/lr" in hparams["_hparams_/session_start_info"]  # the config, flattened
 
 
 def test_a_tmd_student_run_logs_its_effective_nfe_with_its_hparams(smoke_student_checkpoint):

@@ -108,14 +108,28 @@ def test_lr_warms_up_then_decays_by_cosine():
 
 
 def test_optimizers_are_built_outside_a_trainer():
-    config = teacher(lr=1e-3).configure_optimizers()
+    config = teacher(optim={"lr": 1e-3}).configure_optimizers()
     assert config["optimizer"].param_groups[0]["lr"] == 1e-3 * config["lr_scheduler"]["scheduler"].lr_lambdas[0](0)
+
+
+def test_optimizer_settings_are_one_typed_group_over_the_roles_defaults():
+    from lightning_tmd.optim import OptimizerSettings
+
+    module = teacher(optim={"lr": 1e-3})
+    assert module.optim == OptimizerSettings(lr=1e-3, warmup_steps=200)  # the teacher's default warm-up stays
+    assert module.hparams.optim["warmup_steps"] == 200  # saved whole, so a checkpoint says what trained it
+    with pytest.raises(ValueError, match="optim.learning_rate is not an optimizer setting"):
+        teacher(optim={"learning_rate": 1e-3})
+    flat = {"optimizer": "muon", "lr": 2e-3, "lr_schedule": "cosine", "adam_eps": 1e-6, "ema_decay": 0.99}
+    assert TeacherModule.upgrade_hparams(flat) == {"optim": {"name": "muon", "lr": 2e-3, "schedule": "cosine",
+                                                             "eps": 1e-6}}
+    assert TeacherModule.upgrade_hparams(dict(module.hparams)) == {}
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     from lightning_tmd.optim import MuonAdamW, hidden_matrices
 
-    module = teacher(optimizer="muon", lr=1e-3)
+    module = teacher(optim={"name": "muon", "lr": 1e-3})
     names = hidden_matrices(module.net)
     assert names and all(".blocks." in f".{n}" and n.endswith("weight") for n in names)
     assert not any("patch_embedding" in n or "proj_out" in n or "condition_embedder" in n for n in names)

@@ -91,7 +91,7 @@ def test_unknown_experiment_is_named(smoke_cfg):
         ("ckpt_path=/no/such.ckpt", FileNotFoundError, "ckpt_path"),
         ("stage.module.high_noise_fraction=1.5", ValueError, "high_noise_fraction=1.5"),
         ("stage.module.high_noise_min=1.0", ValueError, "high_noise_min=1.0"),
-        ("stage.module.optimizer=sgd", ValueError, "optimizer='sgd'"),
+        ("stage.module.optim.name=sgd", ValueError, "optim.name='sgd'"),
     ],
 )
 def test_bad_config_fails_before_training(smoke_cfg, override, error, message):
@@ -139,13 +139,13 @@ def test_only_a_run_folder_without_outputs_is_removed(tmp_path, monkeypatch):
 
 
 def test_muon_with_fsdp_is_refused_before_training(smoke_cfg):
-    with pytest.raises(ValueError, match="optimizer=muon .* FSDP2"):
-        train(smoke_cfg("strategy=fsdp", "stage.module.optimizer=muon"))
+    with pytest.raises(ValueError, match="optim.name=muon .* FSDP2"):
+        train(smoke_cfg("strategy=fsdp", "stage.module.optim.name=muon"))
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resumed_run_equals_the_uninterrupted_run(smoke_cfg, tmp_path, optimizer):
-    option = f"stage.module.optimizer={optimizer}"
+    option = f"stage.module.optim.name={optimizer}"
     straight = smoke_cfg("trainer.max_steps=20", option, f"output_dir={tmp_path / 'straight'}")
     train(straight)
     first = smoke_cfg("trainer.max_steps=10", option, f"output_dir={tmp_path / 'first'}")

@@ -10,18 +10,20 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from lightning_tmd.optim import build_optimizer, ema_with_warmup, warmup_then_decay
+from lightning_tmd.optim import OptimizerSettings, ema_with_warmup
 from lightning_tmd.parallel import reshard, shard_for_strategy
 
 
 class GeneratorModule(L.LightningModule):
     """Base for modules whose trained network is `self.net`.
 
-    Subclasses call `init_ema(decay)` after building `self.net`, and keep `lr`, `betas`, `weight_decay`,
-    `adam_eps`, `warmup_steps`, `lr_schedule`, `min_lr_ratio` and `cond_dropout` in hparams. A role trained by
-    another module (stage 2's student and critic) is stepped there with the optimizer and schedule of its own
-    `configure_optimizers`, so its learning rate is set in one place.
+    Subclasses call `init_ema(decay)` after building `self.net`, and keep `optim` (an `OptimizerSettings` as a
+    dict: `OptimizerSettings.resolve` over the class's `OPTIM_DEFAULTS`) and `cond_dropout` in hparams. A role
+    trained by another module (stage 2's student and critic) is stepped there with the optimizer and schedule of
+    its own `configure_optimizers`, so its learning rate is set in one place.
     """
+
+    OPTIM_DEFAULTS: dict[str, Any] = {}
 
     net: nn.Module
     ema: AveragedModel | None
@@ -72,15 +74,22 @@ class GeneratorModule(L.LightningModule):
             reshard(self.net)  # under FSDP: average the sharded weights
             self.ema.update_parameters(self.net)
 
+    @staticmethod
+    def upgrade_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments, in today's layout, of a checkpoint written while the optimizer settings were
+        the role's own arguments (lr, betas, ...); {} for today's layout. Overrides for `load_from_checkpoint`
+        (`generators.load_generator` passes them)."""
+        return {} if "optim" in hparams else {"optim": OptimizerSettings.from_flat(hparams)}
+
+    @property
+    def optim(self) -> OptimizerSettings:
+        """The role's optimizer settings."""
+        return OptimizerSettings(**self.hparams.optim)
+
     def configure_optimizers(self) -> dict[str, Any]:
-        """The role's optimizer (`build_optimizer`, plus `extra_param_groups`) and its per-step LR schedule."""
-        hp = self.hparams
-        optimizer = build_optimizer(self.net, hp.get("optimizer", "adamw"), hp.lr, tuple(hp.betas), hp.weight_decay,
-                                    hp.adam_eps)
-        for group in self.extra_param_groups():
-            optimizer.add_param_group(group)
+        """The role's optimizer (over `self.net` and `extra_param_groups`) and its per-step LR schedule."""
+        optimizer = self.optim.build(self.net, self.extra_param_groups())
         trainer = self._trainer  # None outside a Trainer (benchmarks, notebooks)
         total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else None
-        factor = warmup_then_decay(hp.warmup_steps, hp.lr_schedule, total, hp.min_lr_ratio)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.optim.lr_factor(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -14,6 +14,7 @@ from lightning_tmd.losses import denoising_loss, discriminator_loss
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.nets.discriminator import Discriminator
 from lightning_tmd.nets.wan import WanNet
+from lightning_tmd.optim import OptimizerSettings
 from lightning_tmd.schedules import interpolate, sample_shifted_uniform
 
 
@@ -27,17 +28,18 @@ class CriticModule(GeneratorModule):
         t_shift: gamma of t_dmd = shift(U(0.001, 0.999), gamma).
         discriminator: the `Discriminator`'s settings {"blocks": 1-based teacher blocks, "widths", "mlp_width"}
             ({}: one head on the last block); None: no discriminator.
-        lr, betas, weight_decay, adam_eps, warmup_steps, lr_schedule, min_lr_ratio: AdamW with a warm-up over
-            the fake score and the discriminator, whose parameter group has its own `lr_discriminator`.
+        optim: `OptimizerSettings` over the fake score and the discriminator (default lr 1e-5, no warm-up);
+            lr_discriminator: the learning rate of the discriminator's parameter group.
     On its own (`training_step`) it denoises the batch's clips; stage 2 steps it on `update_losses`.
     """
 
+    OPTIM_DEFAULTS = {"lr": 1e-5}
+
     def __init__(self, model: dict[str, Any], teacher_ckpt: str | None = None, t_shift: float = 5.0,
-                 discriminator: dict[str, Any] | None = None, lr: float = 1e-5, lr_discriminator: float = 1e-5,
-                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01, adam_eps: float = 1e-8,
-                 warmup_steps: int = 0, lr_schedule: str = "constant", min_lr_ratio: float = 0.1,
-                 cond_dropout: float = 0.0) -> None:
+                 discriminator: dict[str, Any] | None = None, optim: dict[str, Any] | None = None,
+                 lr_discriminator: float = 1e-5, cond_dropout: float = 0.0) -> None:
         super().__init__()
+        optim = OptimizerSettings.resolve(self.OPTIM_DEFAULTS, optim)
         self.save_hyperparameters()
         self.net = WanNet.from_settings(model)
         self.discriminator: Discriminator | None = None

@@ -33,6 +33,7 @@ from lightning_tmd.modules.critic import CriticModule
 from lightning_tmd.modules.one_pass import OnePassStudent
 from lightning_tmd.modules.student import StudentModule
 from lightning_tmd.modules.teacher import TeacherModule
+from lightning_tmd.optim import OptimizerSettings
 from lightning_tmd.parallel import full_value, reshard, shard_for_strategy
 from lightning_tmd.schedules import broadcast_time, interpolate
 
@@ -120,11 +121,11 @@ class DMDModule(L.LightningModule):
         as overrides to `load_from_checkpoint` (`generators.load_generator` does)."""
         if "critic" in hparams or "lr_student" not in hparams:
             return {}
-        optim = {key: hparams[key] for key in ("betas", "weight_decay", "adam_eps") if key in hparams}
-        student = {**hparams["student"], "lr": hparams["lr_student"], "warmup_steps": 0, **optim}
-        critic = {"lr": hparams.get("lr_critic", 1e-5), "lr_discriminator": hparams.get("lr_discriminator", 1e-5),
-                  "t_shift": hparams.get("t_shift", 5.0), "discriminator": dict(hparams.get("discriminator") or {}),
-                  **optim}
+        shared = OptimizerSettings.from_flat(hparams)  # betas, weight_decay, adam_eps: both roles
+        student = {**hparams["student"], "optim": {"lr": hparams["lr_student"], "warmup_steps": 0, **shared}}
+        critic = {"optim": {"lr": hparams.get("lr_critic", 1e-5), **shared},
+                  "lr_discriminator": hparams.get("lr_discriminator", 1e-5), "t_shift": hparams.get("t_shift", 5.0),
+                  "discriminator": dict(hparams.get("discriminator") or {})}
         return {"student": student, "critic": critic}
 
     # -- what sampling and evaluation see ---------------------------------------------------------

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from lightning_tmd.checkpoints import sampling_state_dict
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.nets.wan import WanNet
+from lightning_tmd.optim import OptimizerSettings
 from lightning_tmd.sampling import one_pass_step
 from lightning_tmd.schedulers import OnePassScheduler
 
@@ -25,18 +26,19 @@ class OnePassStudent(GeneratorModule):
             the weights `model` loads).
         outer_steps, outer_shift, t_max: M and the shifted outer grid (gamma 10; 5 for 4 steps): the module's
             `self.scheduler` (a `OnePassScheduler`).
-        lr, betas, weight_decay, adam_eps, warmup_steps, lr_schedule, min_lr_ratio, ema_decay: its AdamW and
-            schedule (KD training, and stage 2 when it is the DMD2-v student).
+        optim: the `OptimizerSettings` of KD training, and of stage 2 when it is the DMD2-v student (default lr
+            7e-5, no warm-up). ema_decay: as TeacherModule.
     """
 
+    OPTIM_DEFAULTS = {"lr": 7e-5}
+
     def __init__(self, model: dict[str, Any], teacher_ckpt: str | None = None, outer_steps: int = 1,
-                 outer_shift: float = 10.0, t_max: float = 0.999, lr: float = 7e-5,
-                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01, adam_eps: float = 1e-8,
-                 warmup_steps: int = 0, lr_schedule: str = "constant", min_lr_ratio: float = 0.1,
+                 outer_shift: float = 10.0, t_max: float = 0.999, optim: dict[str, Any] | None = None,
                  ema_decay: float | None = None, cond_dropout: float = 0.0) -> None:
         super().__init__()
         if outer_steps < 1:
             raise ValueError(f"outer_steps={outer_steps} must be >= 1")
+        optim = OptimizerSettings.resolve(self.OPTIM_DEFAULTS, optim)
         self.save_hyperparameters()
         self.net = WanNet.from_settings(model)
         self.scheduler = OnePassScheduler(outer_steps, outer_shift, t_max)

@@ -12,6 +12,7 @@ from lightning_tmd.losses import adaptive_l2_loss, finite_difference_dds, jvp_dd
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.nets.tmd_student import CLEAN_ESTIMATES, MainFeature, TMDStudent
 from lightning_tmd.nets.wan import WanNet
+from lightning_tmd.optim import OptimizerSettings
 from lightning_tmd.parallel import full_value
 from lightning_tmd.sampling import noise_seeded_generator, tmd_sample, tmd_step
 from lightning_tmd.schedulers import TMDScheduler
@@ -38,9 +39,11 @@ class StudentModule(GeneratorModule):
         s_shift: gamma of s = shift(U(0.001, 0.999)). guidance_scale: CFG of the target velocity.
         derivative: "finite_difference" (delta = fd_delta, fp64 arithmetic) or "jvp" (torch.func.jvp).
         norm_constant: c of the adaptive loss as a multiple of d = dim(y_s) (1: c = d).
-        lr, betas, weight_decay, adam_eps, warmup_steps, lr_schedule, min_lr_ratio, ema_decay: as TeacherModule
-            (stage 2 steps the student with this optimizer and schedule too).
+        optim: the `OptimizerSettings` (default lr 1e-4, 100 warm-up steps; stage 2 steps the student with this
+            optimizer and schedule too). ema_decay: as TeacherModule.
     """
+
+    OPTIM_DEFAULTS = {"lr": 1e-4, "warmup_steps": 100}
 
     def __init__(self, model: dict[str, Any], teacher_ckpt: str | None = None, head_blocks: int = 2,
                  inner_steps: int = 2, outer_steps: int = 2, outer_shift: float = 10.0,
@@ -48,9 +51,7 @@ class StudentModule(GeneratorModule):
                  clean_estimate: str = "transition", objective: str = "tm_meanflow",
                  r_equals_s: float = 0.75, s_shift: float = 3.0, guidance_scale: float = 3.0,
                  cond_dropout: float = 0.1, derivative: str = "finite_difference", fd_delta: float = 5e-3,
-                 norm_constant: float = 1.0, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.01, adam_eps: float = 1e-8, warmup_steps: int = 100,
-                 lr_schedule: str = "constant", min_lr_ratio: float = 0.1, ema_decay: float | None = None,
+                 norm_constant: float = 1.0, optim: dict[str, Any] | None = None, ema_decay: float | None = None,
                  t_max: float = 0.999) -> None:
         super().__init__()
         for name, value, allowed in (("objective", objective, OBJECTIVES), ("derivative", derivative, DERIVATIVES),
@@ -59,6 +60,7 @@ class StudentModule(GeneratorModule):
                 raise ValueError(f"{name} '{value}' is unknown: use one of {allowed}")
         if min(inner_steps, outer_steps) < 1:
             raise ValueError(f"inner_steps={inner_steps} and outer_steps={outer_steps} must be >= 1")
+        optim = OptimizerSettings.resolve(self.OPTIM_DEFAULTS, optim)
         self.save_hyperparameters()
         self.net = TMDStudent(WanNet.from_settings(model), head_blocks, fusion, inner_target)
         self.scheduler = TMDScheduler(outer_steps, inner_steps, outer_shift, inner_shift, head_blocks,

@@ -11,7 +11,7 @@ from lightning_tmd.losses import flow_matching_loss
 from lightning_tmd.modules.base import GeneratorModule
 from lightning_tmd.nets.wan import WanNet
 from lightning_tmd.nets.wan_parts import wan_timestep
-from lightning_tmd.optim import check_optimizer
+from lightning_tmd.optim import OptimizerSettings
 from lightning_tmd.sampling import check_guidance_interval, euler_sample, guided_velocity_fn, noise_seeded_generator
 from lightning_tmd.schedules import (
     interpolate,
@@ -29,9 +29,9 @@ class TeacherModule(GeneratorModule):
     Args:
         model: {"path": diffusers folder or None, "config": WanTransformer3DModel kwargs,
             "dtype": torch dtype name used when loading, "checkpoint_blocks": bool}.
-        optimizer: "adamw", or "muon" (Muon on the blocks' weight matrices, AdamW on the rest; `MuonAdamW`).
-        lr, betas, weight_decay, adam_eps, warmup_steps: the optimizer's, with a linear warm-up, then `lr_schedule`:
-            "constant", or "cosine" decay to `min_lr_ratio * lr` at the trainer's `max_steps`.
+        optim: the optimizer and LR schedule, an `OptimizerSettings` (name "adamw" or "muon", lr, betas,
+            weight_decay, eps, warmup_steps, schedule "constant" or "cosine", min_lr_ratio); given keys override
+            the teacher's defaults lr 5e-4 with 200 warm-up steps.
         time_sampling: "logit_normal" or "shifted_uniform" (with `time_shift`).
         high_noise_fraction, high_noise_min: that fraction of the training times is drawn from
             U(high_noise_min, 0.999) instead (`schedules.with_high_noise`).
@@ -40,18 +40,17 @@ class TeacherModule(GeneratorModule):
         sample_steps, sample_shift, guidance_scale, guidance_interval, sample_churn: defaults of `sample()`.
     """
 
-    def __init__(self, model: dict[str, Any], optimizer: str = "adamw", lr: float = 5e-4,
-                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01, adam_eps: float = 1e-8,
-                 warmup_steps: int = 200, lr_schedule: str = "constant", min_lr_ratio: float = 0.1,
+    OPTIM_DEFAULTS = {"lr": 5e-4, "warmup_steps": 200}
+
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any] | None = None,
                  time_sampling: str = "logit_normal", time_shift: float = 1.0, logit_mean: float = 0.0,
                  logit_std: float = 1.0, high_noise_fraction: float = 0.0, high_noise_min: float = 0.9,
-                 cond_dropout: float = 0.1,
-                 ema_decay: float | None = 0.999, sample_steps: int = 50, sample_shift: float = 3.0,
-                 guidance_scale: float = 4.0, guidance_interval: tuple[float, float] | None = None,
-                 sample_churn: float = 0.0) -> None:
+                 cond_dropout: float = 0.1, ema_decay: float | None = 0.999, sample_steps: int = 50,
+                 sample_shift: float = 3.0, guidance_scale: float = 4.0,
+                 guidance_interval: tuple[float, float] | None = None, sample_churn: float = 0.0) -> None:
         super().__init__()
         check_guidance_interval(guidance_interval)
-        check_optimizer(optimizer)
+        optim = OptimizerSettings.resolve(self.OPTIM_DEFAULTS, optim)
         self.save_hyperparameters()
         self.net = WanNet.from_settings(model)
         self.init_ema(ema_decay)
