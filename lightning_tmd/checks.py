@@ -64,6 +64,9 @@ def check_values(cfg: DictConfig) -> None:
     check_device("trainer.accelerator", cfg.trainer.get("accelerator", "auto"))
 
 
+LATENT_DATA_MODULES = (".LatentsDataModule", ".LatentTeacherPairsDataModule")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Config combinations that cannot work: raise before data, models or trainers are built."""
     model = model_settings(cfg)  # first: a Wan config without its weights folder says so before anything else
@@ -82,7 +85,7 @@ def check_config(cfg: DictConfig) -> None:
             "text.negative_prompt is missing: set it (Wan's official negative prompt for Wan configs, "
             "'' for the shapes benchmark)"
         )
-    if str(cfg.data.get("_target_", "")).endswith(".LatentsDataModule"):
+    if str(cfg.data.get("_target_", "")).endswith(LATENT_DATA_MODULES):
         from lightning_tmd.data.latents import check_latents_fit_model
 
         check_latents_fit_model(cfg.data.path, model)
@@ -269,11 +272,15 @@ def inherit_student_shape(student: DictConfig, source: dict) -> None:
 
 
 def check_kd(cfg: DictConfig) -> None:
-    """KD warm-up: a teacher checkpoint for the pairs, and the one-step map only."""
+    """KD warm-up: a teacher for the pairs (a checkpoint, or model.path's Wan for pairs on latents), and the
+    one-step map only."""
     if cfg.stage.module.outer_steps != 1:
         raise ValueError(f"stage.module.outer_steps={cfg.stage.module.outer_steps}: the KD warm-up trains the "
                          "one-step map (noise at t_max -> clip); set it to 1")
     path = cfg.data.get("teacher_ckpt")
+    if str(cfg.data.get("_target_", "")).endswith(".LatentTeacherPairsDataModule"):
+        check_teacher_source(cfg, "data.teacher_ckpt", path)
+        return
     if not path:
         raise ValueError("data.teacher_ckpt is unset: the KD pairs need a teacher checkpoint (data=teacher_pairs)")
     check_matching_checkpoint(cfg, "data.teacher_ckpt", path, f"Train the teacher first: {TRAIN_TEACHER}")

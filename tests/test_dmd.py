@@ -231,18 +231,20 @@ def test_kd_warmup_generates_caches_and_regresses_teacher_pairs(smoke_checkpoint
     cfg = compose_train(overrides, tmp_path / "run")
     metrics = train(cfg)
     assert "train/kd_loss" in metrics and "val/kd_loss" in metrics
-    (cache,) = (tmp_path / "cache").glob("pairs_*.pt")
-    pairs = torch.load(cache, weights_only=False)["pairs"]["train"]
-    teacher = TeacherModule.load_from_checkpoint(smoke_checkpoint).eval()
+    (cache,) = (tmp_path / "cache").glob("pairs_*")
+    stamps = {path: path.stat().st_mtime_ns for path in cache.iterdir()}
+    assert sorted(path.name for path in stamps) == ["train_00000.safetensors", "val_00000.safetensors"]
     datamodule = instantiate(cfg.data)
-    context = datamodule.prompts(pairs["captions"][:2]).states
+    datamodule.setup("fit")  # the cache is reused, not regenerated
+    assert {path: path.stat().st_mtime_ns for path in cache.iterdir()} == stamps
+    pairs = datamodule.pairs["train"]
+    assert len(pairs["noise"]) == 8
+    teacher = TeacherModule.load_from_checkpoint(smoke_checkpoint).eval()
+    context = datamodule.prompts(datamodule.captions("train", 0, 2)).states
     negative = datamodule.prompts.negative(2).states
     assert teacher.hparams.guidance_scale == 4.0  # data.guidance_scale=null: the CFG the teacher samples with
     expected, _ = teacher.sample(context, negative, noise=pairs["noise"][:2], steps=2, guidance_scale=4.0, shift=3.0)
     torch.testing.assert_close(pairs["video"][:2], expected, atol=1e-5, rtol=1e-4)
-    stamp = cache.stat().st_mtime_ns
-    datamodule.setup("fit")  # the cache is reused, not regenerated
-    assert cache.stat().st_mtime_ns == stamp and len(datamodule.pairs["train"]["captions"]) == 8
 
 
 @pytest.mark.parametrize(

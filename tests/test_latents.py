@@ -14,7 +14,7 @@ from conftest import CONF, compose_train
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_nets import save_tiny_umt5
 
 from lightning_tmd.callbacks.samples import latent_preview, samples_as_video
@@ -451,3 +451,65 @@ def test_wan_stage1_then_stage2_run_on_a_tiny_wan_folder(tiny_wan_folder, shards
     assert torch.isfinite(torch.tensor(stage2["train/vsd"]))
     gifs = list((tmp_path / "dmd").rglob("samples/*.gif"))
     assert len(gifs) == 1 and len(imageio.mimread(gifs[0])) == 5  # decoded by the folder's VAE
+
+
+# -- KD pairs on latents (the one-step DMD2-v baseline on Wan) ------------------------------------------------
+def latent_pairs(tiny_wan_folder: Path, shards: Path, cache: Path):
+    from lightning_tmd.teacher_pairs import LatentTeacherPairsDataModule
+
+    model = {"path": str(tiny_wan_folder), "config": None, "dtype": "float32", "checkpoint_blocks": False}
+    return LatentTeacherPairsDataModule(str(shards), model, num_pairs=3, num_val_pairs=1, steps=2,
+                                        generate_batch_size=2, cache_dir=str(cache), num_val=1, batch_size=2)
+
+
+def chunk_files(module) -> dict[str, dict[str, torch.Tensor]]:
+    return {path.name: load_file(path) for path in sorted(module.cache_folder().iterdir())}
+
+
+def test_latent_kd_pairs_are_the_teachers_samples_split_by_process_and_resumed(tiny_wan_folder, shards, tmp_path):
+    from lightning_tmd.modules.teacher import TeacherModule
+
+    whole = latent_pairs(tiny_wan_folder, shards, tmp_path / "one")
+    assert whole.generate_share() == 3  # train: pairs 0-1 and 2, val: pair 0
+    files = chunk_files(whole)
+    assert list(files) == ["train_00000.safetensors", "train_00001.safetensors", "val_00000.safetensors"]
+    # two processes write disjoint shares whose union is the one-process result, bit for bit
+    split = latent_pairs(tiny_wan_folder, shards, tmp_path / "two")
+    assert split.generate_share(0, 2) == 2 and split.generate_share(1, 2) == 1
+    assert all(torch.equal(a[name], b[name]) for a, b in zip(files.values(), chunk_files(split).values())
+               for name in ("noise", "video"))
+    # the pairs are the Wan teacher's CFG samples (the paper's 5) from the clips' stored caption embeddings
+    teacher = TeacherModule(whole.model, ema_decay=None).eval()
+    batch = [whole.train_set[i] for i in (0, 1)]
+    context = torch.stack([item["context"] for item in batch])
+    noise = files["train_00000.safetensors"]["noise"]
+    expected, _ = teacher.sample(context, whole.prompts.negative(2).states, noise=noise, steps=2, guidance_scale=5.0,
+                                 shift=5.0)
+    torch.testing.assert_close(files["train_00000.safetensors"]["video"], expected)
+    # a restarted generation writes only the missing and the truncated chunk
+    folder = whole.cache_folder()
+    (folder / "train_00001.safetensors").unlink()
+    (folder / "val_00000.safetensors").write_bytes(b"truncated")
+    kept = (folder / "train_00000.safetensors").stat().st_mtime_ns
+    assert whole.generate_share() == 2 and (folder / "train_00000.safetensors").stat().st_mtime_ns == kept
+    whole.setup("fit")
+    loader = whole.train_dataloader()
+    (batch,) = [whole.on_before_batch_transfer(b, 0) for b in loader]  # 3 pairs, batch 2, drop_last
+    assert batch["video"].shape == batch["noise"].shape == (2, *LATENT_SHAPE)
+    assert {"context", "context_mask", "negative_context", "caption"} <= set(batch)
+
+
+def test_wan_kd_then_one_step_dmd2v_on_a_tiny_wan_folder(tiny_wan_folder, shards, tmp_path):
+    from lightning_tmd.train import train
+
+    common = [f"model.path={tiny_wan_folder}", f"data.path={shards}", *TINY_WAN_OVERRIDES]
+    pairs = ["data.num_pairs=2", "data.num_val_pairs=1", "data.steps=2", "data.generate_batch_size=2",
+             f"data.cache_dir={tmp_path / 'pairs'}"]
+    kd = train(compose_train(["experiment=wan_kd", *common, *pairs, "trainer.fast_dev_run=false",
+                              "model.paper.kd_iterations=2", "callbacks.samples.every_n_steps=0"], tmp_path / "kd"))
+    assert torch.isfinite(torch.tensor(kd["train/kd_loss"]))
+    student = tmp_path / "kd" / "checkpoints" / "last.ckpt"
+    dmd = train(compose_train(["experiment=wan_dmd2v_1step", *common, f"stage.module.student_ckpt={student}",
+                               "stage.module.teacher_dtype=null", "stage.module.critic.discriminator.mlp_width=8"],
+                              tmp_path / "dmd"))
+    assert torch.isfinite(torch.tensor(dmd["train/vsd"]))
