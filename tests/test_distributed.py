@@ -174,3 +174,24 @@ def test_the_stage1_derivative_keeps_fp32_times_and_precision_under_fsdp_bf16(tm
     assert errors["bf16-mixed, difference inside autocast (before)"] > 0.1
     for dtype, s in measured["head_times"].values():
         assert dtype in ("torch.float32", "torch.float64") and 0.999 in s and 0.605 + 5e-3 in s
+
+
+def test_two_processes_generate_the_kd_pairs_each_its_share_then_train(smoke_checkpoint, tmp_path):
+    from hydra.utils import instantiate
+
+    pairs = ["experiment=shapes_kd", "model=wan_smoke", "data=shapes_smoke", "text=vocab", "text.encoder.dim=16",
+             "text.encoder.max_length=16", "data=teacher_pairs", "data.speed=0.06", "data.frames=4", "data.size=16",
+             "data.batch_size=2", "data.val_batch_size=2", f"stage.module.teacher_ckpt={smoke_checkpoint}",
+             "data.num_pairs=8", "data.num_val_pairs=4", "data.steps=2", "data.generate_batch_size=2"]
+    torchrun([*pairs, f"data.cache_dir={tmp_path / 'two'}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+              "callbacks.samples.every_n_steps=0"], tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    two = instantiate(compose_train([*pairs, f"data.cache_dir={tmp_path / 'two'}"], tmp_path / "a").data)
+    assert sorted(p.name for p in two.cache_folder().iterdir()) == [*(f"train_{k:05d}.safetensors" for k in range(4)),
+                                                                   "val_00000.safetensors", "val_00001.safetensors"]
+    one = instantiate(compose_train([*pairs, f"data.cache_dir={tmp_path / 'one'}"], tmp_path / "b").data)
+    assert one.generate_share() == 6  # the same pairs from one process
+    two.setup("fit"), one.setup("fit")
+    for split in ("train", "val"):
+        for name in ("noise", "video"):
+            torch.testing.assert_close(two.pairs[split][name], one.pairs[split][name], rtol=1e-4, atol=1e-5)
