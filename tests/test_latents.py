@@ -437,18 +437,27 @@ def test_wan_folder_errors_name_the_field_and_the_missing_file(tmp_path):
         train(compose_train(["experiment=wan_tmd_stage1", f"model.path={tmp_path / 'wan'}", "data.path=/s"], tmp_path))
 
 
-def test_wan_stage1_then_stage2_run_on_a_tiny_wan_folder(tiny_wan_folder, shards, tmp_path):
+KD_PAIRS = ["data.num_pairs=2", "data.num_val_pairs=1", "data.steps=2", "data.generate_batch_size=2",
+            "model.paper.kd_iterations=2"]
+
+
+@pytest.mark.parametrize(("warm_start", "stage2"), [
+    (["experiment=wan_tmd_stage1"], "wan_tmd"),  # TMD: stage 1, then stage 2
+    (["experiment=wan_kd", *KD_PAIRS], "wan_dmd2v_1step"),  # one-step DMD2-v: KD pairs and warm-up, then DMD2-v
+])
+def test_wan_warm_start_then_stage2_run_on_a_tiny_wan_folder(warm_start, stage2, tiny_wan_folder, shards, tmp_path):
     from lightning_tmd.train import train
 
     common = [f"model.path={tiny_wan_folder}", f"data.path={shards}", *TINY_WAN_OVERRIDES]
-    stage1 = train(compose_train(["experiment=wan_tmd_stage1", *common, "trainer.fast_dev_run=false",
-                                  "callbacks.samples.every_n_steps=0"], tmp_path / "tm"))
-    assert torch.isfinite(torch.tensor(stage1["train/loss"]))
-    student = tmp_path / "tm" / "checkpoints" / "last.ckpt"
-    stage2 = train(compose_train(["experiment=wan_tmd", *common, f"stage.module.student_ckpt={student}",
+    extra = [f"data.cache_dir={tmp_path / 'pairs'}"] if "experiment=wan_kd" in warm_start else []
+    first = train(compose_train([*warm_start, *common, *extra, "trainer.fast_dev_run=false",
+                                 "callbacks.samples.every_n_steps=0"], tmp_path / "first"))
+    assert first and all(torch.isfinite(torch.tensor(value)) for value in first.values())
+    student = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    second = train(compose_train([f"experiment={stage2}", *common, f"stage.module.student_ckpt={student}",
                                   "stage.module.teacher_dtype=null", "stage.module.critic.discriminator.mlp_width=8"],
                                  tmp_path / "dmd"))
-    assert torch.isfinite(torch.tensor(stage2["train/vsd"]))
+    assert torch.isfinite(torch.tensor(second["train/vsd"]))
     gifs = list((tmp_path / "dmd").rglob("samples/*.gif"))
     assert len(gifs) == 1 and len(imageio.mimread(gifs[0])) == 5  # decoded by the folder's VAE
 
@@ -498,18 +507,3 @@ def test_latent_kd_pairs_are_the_teachers_samples_split_by_process_and_resumed(t
     assert batch["video"].shape == batch["noise"].shape == (2, *LATENT_SHAPE)
     assert {"context", "context_mask", "negative_context", "caption"} <= set(batch)
 
-
-def test_wan_kd_then_one_step_dmd2v_on_a_tiny_wan_folder(tiny_wan_folder, shards, tmp_path):
-    from lightning_tmd.train import train
-
-    common = [f"model.path={tiny_wan_folder}", f"data.path={shards}", *TINY_WAN_OVERRIDES]
-    pairs = ["data.num_pairs=2", "data.num_val_pairs=1", "data.steps=2", "data.generate_batch_size=2",
-             f"data.cache_dir={tmp_path / 'pairs'}"]
-    kd = train(compose_train(["experiment=wan_kd", *common, *pairs, "trainer.fast_dev_run=false",
-                              "model.paper.kd_iterations=2", "callbacks.samples.every_n_steps=0"], tmp_path / "kd"))
-    assert torch.isfinite(torch.tensor(kd["train/kd_loss"]))
-    student = tmp_path / "kd" / "checkpoints" / "last.ckpt"
-    dmd = train(compose_train(["experiment=wan_dmd2v_1step", *common, f"stage.module.student_ckpt={student}",
-                               "stage.module.teacher_dtype=null", "stage.module.critic.discriminator.mlp_width=8"],
-                              tmp_path / "dmd"))
-    assert torch.isfinite(torch.tensor(dmd["train/vsd"]))
