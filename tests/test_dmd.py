@@ -4,6 +4,7 @@ exact resume, the DMD2-v baseline student and KD warm-up, and every stage-2 expe
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -147,6 +148,18 @@ def test_each_role_brings_its_own_optimizer_and_schedule():
     assert {id(p) for p in critic.param_groups[1]["params"]} == discriminator
     assert [type(s["scheduler"]).__name__ for s in schedules] == ["LambdaLR", "LambdaLR"]
     assert module.critic.configure_optimizers()["optimizer"].param_groups[0]["lr"] == 3e-5  # the same source
+
+
+def test_each_role_schedule_spans_the_steps_that_role_takes():
+    disc = {"blocks": [1], "widths": [8, 8, 8], "mlp_width": 8}
+    cosine = {"schedule": "cosine", "min_lr_ratio": 0.0, "warmup_steps": 0}
+    module = tiny_dmd(student={"kind": "tmd", "head_blocks": 1, "optim": cosine},
+                      critic={"discriminator": disc, "optim": cosine}, student_every=5)
+    module._trainer = SimpleNamespace(max_steps=10)  # 10 iterations: 2 student steps, 8 critic steps
+    _, (student, critic) = module.configure_optimizers()
+    student_factor, critic_factor = student["scheduler"].lr_lambdas[0], critic["scheduler"].lr_lambdas[0]
+    assert student_factor(1) == 1.0 and student_factor(2) == 0.0
+    assert 0.0 < critic_factor(2) < 1.0 and critic_factor(8) == 0.0
 
 
 def test_checkpoint_of_the_earlier_argument_layout_loads(tmp_path):

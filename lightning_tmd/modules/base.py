@@ -86,10 +86,12 @@ class GeneratorModule(L.LightningModule):
         """The role's optimizer settings."""
         return OptimizerSettings(**self.hparams.optim)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """The role's optimizer (over `self.net` and `extra_param_groups`) and its per-step LR schedule."""
+    def configure_optimizers(self, total_steps: int | None = None) -> dict[str, Any]:
+        """The role's optimizer (over `self.net` and `extra_param_groups`) and its per-step LR schedule, which
+        ends at `total_steps` of this optimizer (None: the trainer's max_steps)."""
         optimizer = self.optim.build(self.net, self.extra_param_groups())
         trainer = self._trainer  # None outside a Trainer (benchmarks, notebooks)
-        total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else None
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.optim.lr_factor(total))
+        if total_steps is None and trainer is not None and trainer.max_steps > 0:
+            total_steps = trainer.max_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.optim.lr_factor(total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -60,8 +60,8 @@ class CriticModule(GeneratorModule):
         return [{"params": list(self.discriminator.parameters()), "lr": self.hparams.lr_discriminator,
                  "name": "discriminator"}]
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        config = super().configure_optimizers()
+    def configure_optimizers(self, total_steps: int | None = None) -> dict[str, Any]:
+        config = super().configure_optimizers(total_steps)
         config["optimizer"].param_groups[0]["name"] = "fake_score"
         return config
 

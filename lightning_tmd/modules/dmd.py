@@ -177,8 +177,12 @@ class DMDModule(L.LightningModule):
         return self
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
-        """The student's and the critic's own optimizers and LR schedules, in that order."""
-        roles = [self.student.configure_optimizers(), self.critic.configure_optimizers()]
+        """The student's and the critic's own optimizers and LR schedules, in that order; each schedule spans the
+        steps its role takes in `trainer.max_steps` iterations (the student's every `student_every`-th)."""
+        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
+        student_steps = None if total is None else math.ceil(total / self.hparams.student_every)
+        roles = [self.student.configure_optimizers(student_steps),
+                 self.critic.configure_optimizers(None if total is None else total - student_steps)]
         roles[0]["optimizer"].param_groups[0]["name"] = "student"
         return [role["optimizer"] for role in roles], [role["lr_scheduler"] for role in roles]
 
