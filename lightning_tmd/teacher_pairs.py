@@ -55,10 +55,18 @@ def file_stamp(path: Path) -> list[Any]:
 class PairChunks:
     """The pairs of one split as chunk files `<folder>/<split>_<k>.safetensors` with tensors noise and video;
     chunk k holds pairs k * size .. (k + 1) * size - 1. Each chunk is written whole (a `.partial` file renamed),
-    so a killed generation leaves complete chunks only."""
+    so a killed generation leaves complete chunks only. Training reads one pair at a time from memory-mapped
+    chunks (`item`), so no process holds the pairs in memory (10k Wan pairs are ~170 GB)."""
 
     def __init__(self, folder: Path, split: str, count: int, size: int) -> None:
         self.folder, self.split, self.count, self.size = folder, split, count, size
+        self._open: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": {}}  # open files stay in their process (DataLoader workers)
 
     @property
     def num_chunks(self) -> int:
@@ -95,29 +103,41 @@ class PairChunks:
             partial.replace(self.path(k))
         return len(todo)
 
-    def read(self) -> dict[str, torch.Tensor]:
-        """Every chunk, concatenated; a missing or unreadable chunk is named."""
+    def check_complete(self) -> None:
+        """Raise, naming the chunk, unless every chunk is on disk and readable."""
         missing = self.missing()
         if missing:
             raise RuntimeError(f"teacher pairs chunk '{self.path(missing[0])}' is missing or unreadable: delete it "
                                "and start the run again to generate it")
+
+    def item(self, index: int) -> dict[str, torch.Tensor]:
+        """Pair `index`: {"noise", "video"}, read from its memory-mapped chunk."""
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        k, row = divmod(index, self.size)
+        if k not in self._open:
+            self._open[k] = safe_open(str(self.path(k)), framework="pt")
+        return {name: self._open[k].get_slice(name)[row : row + 1][0] for name in PAIR_TENSORS}
+
+    def read(self) -> dict[str, torch.Tensor]:
+        """Every pair in memory: {"noise", "video"} (for inspection; training reads `item`)."""
+        self.check_complete()
         chunks = [load_file(str(self.path(k))) for k in range(self.num_chunks)]
         return {name: torch.cat([chunk[name] for chunk in chunks]) for name in PAIR_TENSORS}
 
 
 class PairsDataset(Dataset):
-    """Items {"noise", "video" (the teacher's sample), "caption", and the fields `extra(index)` adds}."""
+    """Items {"noise", "video" (the teacher's sample)} of the pairs, with the fields `text(index)` gives
+    (the caption, and for latents the stored embedding)."""
 
-    def __init__(self, pairs: dict[str, torch.Tensor], captions: list[str],
-                 extra: Callable[[int], dict[str, Any]] | None = None) -> None:
-        self.noise, self.video, self.captions, self.extra = pairs["noise"], pairs["video"], captions, extra
+    def __init__(self, pairs: PairChunks, text: Callable[[int], dict[str, Any]]) -> None:
+        self.pairs, self.text = pairs, text
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = {"noise": self.noise[index], "video": self.video[index], "caption": self.captions[index]}
-        return {**item, **self.extra(index)} if self.extra else item
+        return {**self.pairs.item(index), **self.text(index)}
 
 
 class TeacherPairsMixin:
@@ -130,7 +150,7 @@ class TeacherPairsMixin:
     generate_batch_size: int
     cache_dir: Path
     clip_shape: tuple[int, ...]
-    pairs: dict[str, dict[str, torch.Tensor]]
+    pairs: dict[str, PairChunks]
 
     def cache_key(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -168,11 +188,13 @@ class TeacherPairsMixin:
                    for split, c in chunks.items())
 
     def load_pairs(self) -> None:
-        """Every process generates its share, waits for the others, then reads all pairs."""
+        """Every process generates its share, waits for the others, then checks that every chunk is there."""
         self.generate_share(*process_share())
         if process_share()[1] > 1:
             torch.distributed.barrier()
-        self.pairs = {split: c.read() for split, c in self.chunks().items()}
+        self.pairs = self.chunks()
+        for chunks in self.pairs.values():
+            chunks.check_complete()
 
 
 class TeacherPairsDataModule(TeacherPairsMixin, ShapesDataModule):
@@ -203,7 +225,7 @@ class TeacherPairsDataModule(TeacherPairsMixin, ShapesDataModule):
         self.generate_batch_size = generate_batch_size
         self.cache_dir = Path(cache_dir)
         self.pair_seed = self.seed
-        self.pairs: dict[str, dict[str, torch.Tensor]] = {}
+        self.pairs: dict[str, PairChunks] = {}
 
     def split_set(self, split: str) -> Any:
         return self.train_set if split == "train" else self.val_set
@@ -238,7 +260,8 @@ class TeacherPairsDataModule(TeacherPairsMixin, ShapesDataModule):
         self.load_pairs()
 
     def pairs_dataset(self, split: str) -> PairsDataset:
-        return PairsDataset(self.pairs[split], self.captions(split, 0, len(self.pairs[split]["noise"])))
+        captions = self.captions(split, 0, len(self.pairs[split]))
+        return PairsDataset(self.pairs[split], lambda index: {"caption": captions[index]})
 
     def train_dataloader(self) -> DataLoader:
         return ResumableLoader(self.pairs_dataset("train"), self.batch_size, seed=self.shuffle_seed,
@@ -288,7 +311,7 @@ class LatentTeacherPairsDataModule(TeacherPairsMixin, LatentsDataModule):
         self.sampler = {"steps": steps, "guidance_scale": guidance_scale, "shift": shift}
         self.generate_batch_size, self.pair_seed = generate_batch_size, pair_seed
         self.cache_dir = Path(cache_dir)
-        self.pairs: dict[str, dict[str, torch.Tensor]] = {}
+        self.pairs: dict[str, PairChunks] = {}
 
     def cache_key(self) -> dict[str, Any]:
         """The latent folder (its meta file), the teacher's weights (its transformer folder's files, or the
@@ -312,7 +335,7 @@ class LatentTeacherPairsDataModule(TeacherPairsMixin, LatentsDataModule):
     def pair_chunk(self, teacher: TeacherModule, split: str, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Pairs start..stop - 1 of `split`: seeded noise and the teacher's CFG samples from it with the clips'
         stored caption embeddings and the stored negative prompt."""
-        items = [self.split_set(split)[i] for i in range(start, stop)]
+        items = [self.split_set(split).text(i) for i in range(start, stop)]
         device = teacher.device
         context = torch.stack([item["context"] for item in items]).to(device)
         negative = self.prompts.negative(len(items)).states.to(device)
@@ -324,14 +347,7 @@ class LatentTeacherPairsDataModule(TeacherPairsMixin, LatentsDataModule):
         self.load_pairs()
 
     def pairs_dataset(self, split: str) -> PairsDataset:
-        dataset = self.split_set(split)
-
-        def text(index: int) -> dict[str, Any]:
-            item = dataset[index]
-            return {"context": item["context"], "context_mask": item["context_mask"]}
-
-        count = len(self.pairs[split]["noise"])
-        return PairsDataset(self.pairs[split], [dataset[i]["caption"] for i in range(count)], text)
+        return PairsDataset(self.pairs[split], self.split_set(split).text)
 
     def train_dataloader(self) -> DataLoader:
         return ResumableLoader(self.pairs_dataset("train"), self.batch_size, seed=self.seed,

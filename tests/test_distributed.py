@@ -194,4 +194,5 @@ def test_two_processes_generate_the_kd_pairs_each_its_share_then_train(smoke_che
     two.setup("fit"), one.setup("fit")
     for split in ("train", "val"):
         for name in ("noise", "video"):
-            torch.testing.assert_close(two.pairs[split][name], one.pairs[split][name], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(two.pairs[split].read()[name], one.pairs[split].read()[name], rtol=1e-4,
+                                       atol=1e-5)

@@ -250,7 +250,7 @@ def test_kd_warmup_generates_caches_and_regresses_teacher_pairs(smoke_checkpoint
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # the cache is reused, not regenerated
     assert {path: path.stat().st_mtime_ns for path in cache.iterdir()} == stamps
-    pairs = datamodule.pairs["train"]
+    pairs = datamodule.pairs["train"].read()
     assert len(pairs["noise"]) == 8
     teacher = TeacherModule.load_from_checkpoint(smoke_checkpoint).eval()
     context = datamodule.prompts(datamodule.captions("train", 0, 2)).states

@@ -160,10 +160,14 @@ class LatentShardsDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         shard, row = self.locate(index)
+        return {"video": self._handle(shard).get_slice("latents")[row : row + 1][0].float(), **self.text(index)}
+
+    def text(self, index: int) -> dict[str, Any]:
+        """Clip `index`'s caption, context and context_mask, without reading its latents."""
+        shard, row = self.locate(index)
         f = self._handle(shard)
-        item = {name: f.get_slice(name)[row : row + 1][0] for name in SHARD_TENSORS}
-        return {"video": item["latents"].float(), "caption": self.captions[shard][row],
-                "context": item["context"].float(), "context_mask": item["context_mask"].bool()}
+        return {"caption": self.captions[shard][row], "context": f.get_slice("context")[row : row + 1][0].float(),
+                "context_mask": f.get_slice("context_mask")[row : row + 1][0].bool()}
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_open": {}}  # open files stay in their process (DataLoader workers)
