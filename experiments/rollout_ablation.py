@@ -34,18 +34,29 @@ def run(args: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def train_one_call(pipeline: Path, out: Path) -> float | None:
+def train_one_call(pipeline: Path, out: Path) -> None:
     """Stage 2 with `rollout=false` from the pipeline's M2 N2 stage-1 student and teacher, as its stage2_m2n2
-    was trained; None when `out` already holds a final checkpoint."""
+    was trained; nothing when `out` already holds a final checkpoint."""
     if (out / "checkpoints" / "last.ckpt").is_file():
-        return None
+        return
     settings = yaml.safe_load((pipeline / "pipeline.yaml").read_text())
     teacher = settings.get("teacher_ckpt") or str(pipeline / "teacher" / "checkpoints" / "last.ckpt")
-    return run(["-m", "lightning_tmd.train", "experiment=shapes_tmd", f"seed={settings['seed']}",
+    run(["-m", "lightning_tmd.train", "experiment=shapes_tmd", f"seed={settings['seed']}",
                 f"stage.module.teacher_ckpt={teacher}",
                 f"stage.module.student_ckpt={pipeline / 'stage1_m2n2' / 'checkpoints' / 'last.ckpt'}",
                 "stage.module.student.outer_steps=2", "stage.module.student.inner_steps=2",
                 "stage.module.rollout=false", f"hydra.run.dir={out}"])
+
+
+def model_override(name: str, ckpt: Path) -> str:
+    """The evaluate override of one model sampled at M = 2, N = 2."""
+    return f"+models.{name}={{ckpt:'{ckpt}',settings:{{m2n2:{{outer_steps:2,inner_steps:2}}}}}}"
+
+
+def training_minutes(run: Path) -> float:
+    """A finished run's wall time: from its config's writing to its final checkpoint's."""
+    start = (run / ".hydra" / "config.yaml").stat().st_mtime
+    return ((run / "checkpoints" / "last.ckpt").stat().st_mtime - start) / 60
 
 
 def cell(values: list[float], digits: int) -> str:
@@ -67,26 +78,28 @@ def main() -> None:
     parser.add_argument("pipelines", nargs="+", type=Path)
     parser.add_argument("--runs", type=Path, default=Path("runs/ablations"))
     parser.add_argument("--out", default="experiments/results/ablation_rollout.md")
+    parser.add_argument("--note", default="", help="what else ran on the machine meanwhile (written to the report)")
     args = parser.parse_args()
     seeds = [yaml.safe_load((p / "pipeline.yaml").read_text())["seed"] for p in args.pipelines]
-    times = {s: train_one_call(p, args.runs / f"rollout_off_seed{s}") for p, s in zip(args.pipelines, seeds)}
+    for pipeline, seed in zip(args.pipelines, seeds):
+        train_one_call(pipeline, args.runs / f"rollout_off_seed{seed}")
     models = {}
     for pipeline, seed in zip(args.pipelines, seeds):
         models[f"rollout_seed{seed}"] = pipeline / "stage2_m2n2" / "checkpoints" / "last.ckpt"
         models[f"one_call_seed{seed}"] = args.runs / f"rollout_off_seed{seed}" / "checkpoints" / "last.ckpt"
     evaluation = args.runs / "rollout_eval"
     eval_s = run(["-m", "lightning_tmd.evaluate", "~models.teacher", "references=false", "overwrite=true",
-                  f"out_dir={evaluation}", *(f"+models.{name}.ckpt={path}" for name, path in models.items())])
+                  f"out_dir={evaluation}", *(model_override(name, path) for name, path in models.items())])
     metrics = json.loads((evaluation / "metrics.json").read_text())
     by_model = {row["model"]: row for row in metrics["rows"]}
     rows = {v: [by_model[f"{v}_seed{s}"] for s in seeds] for v in VARIANTS}
-    trained = ", ".join(f"seed {s}: {t / 60:.1f} min" if t else f"seed {s}: trained earlier" for s, t in times.items())
+    trained = ", ".join(f"seed {s}: {training_minutes(args.runs / f'rollout_off_seed{s}'):.1f} min" for s in seeds)
     body = (f"Students: TMD M = 2, N = 2, H = 2, 1 000 stage-2 iterations (experiment shapes_tmd) from each pipeline "
             f"run's stage-1 student ({', '.join(str(p) for p in args.pipelines)}; training seeds {seeds}). "
             f"Evaluation: {metrics['num_samples']} held-out prompts, evaluation seed {metrics['seed']}, "
             f"{metrics['judge'].get('variant', 'outline')} judge; each cell the mean over seeds, then each seed.\n\n"
             f"{table(rows)}\n\nWall time on 2 CPU cores: one-call training {trained}; evaluation "
-            f"{eval_s / 60:.1f} min (generated sets of earlier evaluations are cached).")
+            f"{eval_s / 60:.1f} min (generated sets of earlier evaluations are cached). {args.note}")
     write_report(args.out, "Rollout vs one head call in stage 2 (Fig. 7)",
                  f"python experiments/rollout_ablation.py {' '.join(str(p) for p in args.pipelines)}", body)
     Path(args.out).with_suffix(".json").write_text(json.dumps({"seeds": seeds, "rows": rows}, indent=1))
