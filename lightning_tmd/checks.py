@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lightning_tmd.checkpoints import read_checkpoint
 from lightning_tmd.data.shapes import clip_key
 from lightning_tmd.nets.wan_folder import transformer_config
-from lightning_tmd.optim import OptimizerSettings, check_optimizer
+from lightning_tmd.optim import OptimizerSettings
 
 
 def model_settings(cfg: DictConfig) -> dict:
@@ -188,8 +188,8 @@ def check_teacher(cfg: DictConfig) -> None:
     if not 0 <= low < 0.999:
         raise ValueError(f"stage.module.high_noise_min={low}: the high-noise times are drawn from "
                          "U(high_noise_min, 0.999); give a value in [0, 0.999)")
-    optimizer = OmegaConf.select(module, "optim.name", default=None) or "adamw"
-    check_optimizer(optimizer)
+    # the name itself was checked with the rest of stage.module.optim (check_values)
+    optimizer = OmegaConf.select(module, "optim.name", default=None) or OptimizerSettings.name
     if optimizer == "muon" and "FSDP" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
         raise ValueError("stage.module.optim.name=muon orthogonalises whole weight matrices, which FSDP2 shards: "
                          "use strategy=ddp, or stage.module.optim.name=adamw with strategy=fsdp")

@@ -14,6 +14,11 @@ from lightning_tmd.optim import OptimizerSettings, ema_with_warmup
 from lightning_tmd.parallel import reshard, shard_for_strategy
 
 
+def planned_steps(trainer: L.Trainer | None) -> int | None:
+    """The trainer's max_steps; None outside a Trainer (benchmarks, notebooks) or without a step limit."""
+    return trainer.max_steps if trainer is not None and trainer.max_steps > 0 else None
+
+
 class GeneratorModule(L.LightningModule):
     """Base for modules whose trained network is `self.net`.
 
@@ -90,8 +95,7 @@ class GeneratorModule(L.LightningModule):
         """The role's optimizer (over `self.net` and `extra_param_groups`) and its per-step LR schedule, which
         ends at `total_steps` of this optimizer (None: the trainer's max_steps)."""
         optimizer = self.optim.build(self.net, self.extra_param_groups())
-        trainer = self._trainer  # None outside a Trainer (benchmarks, notebooks)
-        if total_steps is None and trainer is not None and trainer.max_steps > 0:
-            total_steps = trainer.max_steps
+        if total_steps is None:
+            total_steps = planned_steps(self._trainer)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.optim.lr_factor(total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

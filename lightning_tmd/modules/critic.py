@@ -85,6 +85,10 @@ class CriticModule(GeneratorModule):
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return denoising_loss(self.x0(interpolate(x, noise, t), t, context), x)
 
+    def gan_logits(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, features: Any) -> torch.Tensor:
+        """Discriminator logits (B, heads) on `features(x_t, t, context, blocks)`, the teacher's block features."""
+        return self.discriminator(features(x_t, t, context, self.discriminator.blocks))
+
     def update_losses(self, fake: torch.Tensor, real: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
                       features: Any) -> dict[str, torch.Tensor]:
         """The critic's stage-2 loss: fake-score denoising on the (detached) student samples `fake`, plus the
@@ -93,8 +97,7 @@ class CriticModule(GeneratorModule):
         noise = torch.randn_like(real)
         fake_score = self.denoising_loss_on(fake, context, t, noise)
         both = torch.cat([interpolate(fake.detach(), noise, t), interpolate(real, noise, t)])
-        logits = self.discriminator(features(both, torch.cat([t, t]), torch.cat([context, context]),
-                                             self.discriminator.blocks))
+        logits = self.gan_logits(both, torch.cat([t, t]), torch.cat([context, context]), features)
         fake_logits, real_logits = logits.chunk(2)
         gan = discriminator_loss(real_logits, fake_logits)
         return {"loss": fake_score + gan, "fake_score": fake_score, "discriminator": gan,

@@ -28,7 +28,7 @@ from lightning_tmd.checkpoints import (
     sampling_weights,
 )
 from lightning_tmd.losses import generator_gan_loss, vsd_gradient, vsd_loss_along
-from lightning_tmd.modules.base import GeneratorModule
+from lightning_tmd.modules.base import GeneratorModule, planned_steps
 from lightning_tmd.modules.critic import CriticModule
 from lightning_tmd.modules.one_pass import OnePassStudent
 from lightning_tmd.modules.student import StudentModule
@@ -179,7 +179,7 @@ class DMDModule(L.LightningModule):
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
         """The student's and the critic's own optimizers and LR schedules, in that order; each schedule spans the
         steps its role takes in `trainer.max_steps` iterations (the student's every `student_every`-th)."""
-        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
+        total = planned_steps(self._trainer)
         student_steps = None if total is None else math.ceil(total / self.hparams.student_every)
         roles = [self.student.configure_optimizers(student_steps),
                  self.critic.configure_optimizers(None if total is None else total - student_steps)]
@@ -265,8 +265,7 @@ class DMDModule(L.LightningModule):
 
     def discriminate(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The critic's discriminator logits (B, heads) on the frozen teacher's block features of x_t."""
-        discriminator = self.critic.discriminator
-        return discriminator(self.teacher.discriminator_features(x_t, t, context, discriminator.blocks))
+        return self.critic.gan_logits(x_t, t, context, self.teacher.discriminator_features)
 
     def clip_and_step(self, role: int) -> dict[str, torch.Tensor]:
         """Clip each parameter group of role `role` (0: student, 1: critic) to `grad_clip`, step its optimizer
