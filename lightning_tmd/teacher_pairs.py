@@ -46,6 +46,14 @@ def generation_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def pairs_guidance(guidance_scale: float | None, teacher_ckpt: str | None) -> float:
+    """The pairs' CFG: `guidance_scale`, else the one the teacher checkpoint samples with (the paper's 5 for a
+    teacher without one, model.path's Wan)."""
+    if guidance_scale is not None:
+        return guidance_scale
+    return sampling_guidance(read_checkpoint("data.teacher_ckpt", teacher_ckpt)) if teacher_ckpt else PAPER_GUIDANCE
+
+
 def file_stamp(path: Path) -> list[Any]:
     """What identifies a file's version in a cache key: its resolved path, size and modification time."""
     stat = path.stat()
@@ -151,6 +159,8 @@ class TeacherPairsMixin:
     cache_dir: Path
     clip_shape: tuple[int, ...]
     pairs: dict[str, PairChunks]
+    train_set: Any
+    val_set: Any
 
     def cache_key(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -163,6 +173,13 @@ class TeacherPairsMixin:
 
     def split_sizes(self) -> dict[str, int]:
         return {"train": self.num_pairs, "val": self.num_val_pairs}
+
+    def split_set(self, split: str) -> Any:
+        """The clips the pairs of `split` take their prompts from."""
+        return self.train_set if split == "train" else self.val_set
+
+    def setup(self, stage: str) -> None:
+        self.load_pairs()
 
     def cache_folder(self) -> Path:
         digest = hashlib.sha1(json.dumps(self.cache_key(), sort_keys=True).encode()).hexdigest()[:16]
@@ -215,49 +232,44 @@ class TeacherPairsDataModule(TeacherPairsMixin, ShapesDataModule):
                  guidance_scale: float | None = None, shift: float = 3.0, generate_batch_size: int = 32,
                  cache_dir: str = ".cache/lightning_tmd/teacher_pairs", **shapes: Any) -> None:
         super().__init__(**shapes)
+        if not Path(teacher_ckpt).is_file():
+            raise FileNotFoundError(f"data.teacher_ckpt: no teacher checkpoint at '{teacher_ckpt}'. Train it first: "
+                                    "python -m lightning_tmd.train stage=teacher experiment=shapes_teacher")
         self.teacher_ckpt = teacher_ckpt
         self.num_pairs, self.num_val_pairs = num_pairs, num_val_pairs
         for split, count in self.split_sizes().items():
             if count > len(self.split_set(split)):
                 raise ValueError(f"data.num_{'val_' if split == 'val' else ''}pairs={count}: the {split} split has "
                                  f"{len(self.split_set(split))} clips")
-        self.sampler = {"steps": steps, "guidance_scale": guidance_scale, "shift": shift}
+        self.sampler = {"steps": steps, "guidance_scale": pairs_guidance(guidance_scale, teacher_ckpt), "shift": shift}
         self.generate_batch_size = generate_batch_size
         self.cache_dir = Path(cache_dir)
         self.pair_seed = self.seed
         self.pairs: dict[str, PairChunks] = {}
-
-    def split_set(self, split: str) -> Any:
-        return self.train_set if split == "train" else self.val_set
+        self._captions: dict[str, list[str]] = {}
 
     def cache_key(self) -> dict[str, Any]:
         """The teacher file (path, size, mtime), the sampler and the clips."""
-        teacher = Path(self.teacher_ckpt)
-        if not teacher.is_file():
-            raise FileNotFoundError(f"data.teacher_ckpt: no teacher checkpoint at '{teacher}'. Train it first: "
-                                    "python -m lightning_tmd.train stage=teacher experiment=shapes_teacher")
-        if self.sampler["guidance_scale"] is None:
-            self.sampler["guidance_scale"] = sampling_guidance(read_checkpoint("data.teacher_ckpt", teacher))
-        return {"teacher": file_stamp(teacher), "sampler": self.sampler, "pairs": [self.num_pairs, self.num_val_pairs],
-                "clip": self.clip_shape, "seed": self.seed, "negative_prompt": self.prompts.negative_prompt,
-                "text": type(self.prompts.encoder).__name__, "objects": self.train_set.max_objects,
-                "chunk": self.generate_batch_size}
+        return {"teacher": file_stamp(Path(self.teacher_ckpt)), "sampler": self.sampler,
+                "pairs": [self.num_pairs, self.num_val_pairs], "clip": self.clip_shape, "seed": self.seed,
+                "negative_prompt": self.prompts.negative_prompt, "text": type(self.prompts.encoder).__name__,
+                "objects": self.train_set.max_objects, "chunk": self.generate_batch_size}
 
     def build_teacher(self, device: torch.device) -> TeacherModule:
         return TeacherModule.load_from_checkpoint(self.teacher_ckpt, map_location=device).eval()
 
     def captions(self, split: str, start: int, stop: int) -> list[str]:
-        dataset = self.split_set(split)
-        return [dataset[i]["caption"] for i in range(start, stop)]
+        """Captions of the pairs start..stop - 1 of `split` (the split's captions are rendered once)."""
+        if split not in self._captions:
+            dataset = self.split_set(split)
+            self._captions[split] = [dataset[i]["caption"] for i in range(self.split_sizes()[split])]
+        return self._captions[split][start:stop]
 
     def pair_chunk(self, teacher: TeacherModule, split: str, start: int, stop: int) -> dict[str, torch.Tensor]:
         seeds = self.pair_seeds(split, start, stop)
         clips, _ = sample_clips(teacher, self.prompts, self.captions(split, start, stop), seeds, self.clip_shape,
                                 batch_size=self.generate_batch_size, **self.sampler)
         return {"noise": seeded_noise(seeds, self.clip_shape), "video": clips.float()}
-
-    def setup(self, stage: str) -> None:
-        self.load_pairs()
 
     def pairs_dataset(self, split: str) -> PairsDataset:
         captions = self.captions(split, 0, len(self.pairs[split]))
@@ -305,10 +317,7 @@ class LatentTeacherPairsDataModule(TeacherPairsMixin, LatentsDataModule):
         if teacher_ckpt and not Path(teacher_ckpt).is_file():
             raise FileNotFoundError(f"data.teacher_ckpt: no teacher checkpoint at '{teacher_ckpt}' (null: the teacher "
                                     "is model.path's Wan)")
-        if guidance_scale is None:
-            guidance_scale = (sampling_guidance(read_checkpoint("data.teacher_ckpt", teacher_ckpt)) if teacher_ckpt
-                              else PAPER_GUIDANCE)
-        self.sampler = {"steps": steps, "guidance_scale": guidance_scale, "shift": shift}
+        self.sampler = {"steps": steps, "guidance_scale": pairs_guidance(guidance_scale, teacher_ckpt), "shift": shift}
         self.generate_batch_size, self.pair_seed = generate_batch_size, pair_seed
         self.cache_dir = Path(cache_dir)
         self.pairs: dict[str, PairChunks] = {}
@@ -328,9 +337,6 @@ class LatentTeacherPairsDataModule(TeacherPairsMixin, LatentsDataModule):
             teacher.net.load_state_dict(sampling_state_dict(self.teacher_ckpt))
         return teacher.to(device).eval().requires_grad_(False)
 
-    def split_set(self, split: str) -> Any:
-        return self.train_set if split == "train" else self.val_set
-
     @torch.no_grad()
     def pair_chunk(self, teacher: TeacherModule, split: str, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Pairs start..stop - 1 of `split`: seeded noise and the teacher's CFG samples from it with the clips'
@@ -342,9 +348,6 @@ class LatentTeacherPairsDataModule(TeacherPairsMixin, LatentsDataModule):
         noise = seeded_noise(self.pair_seeds(split, start, stop), self.clip_shape)
         clips, _ = teacher.sample(context, negative, noise=noise.to(device), **self.sampler)
         return {"noise": noise, "video": clips.float().cpu()}
-
-    def setup(self, stage: str) -> None:
-        self.load_pairs()
 
     def pairs_dataset(self, split: str) -> PairsDataset:
         return PairsDataset(self.pairs[split], self.split_set(split).text)
