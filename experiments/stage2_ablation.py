@@ -11,6 +11,8 @@ evaluated on the same held-out prompts and noise (`python -m lightning_tmd.evalu
 
     python experiments/stage2_ablation.py rollout runs/pipeline/shapes runs/pipeline/shapes_seed1
     python experiments/stage2_ablation.py t_shift runs/pipeline/shapes runs/pipeline/shapes_seed1
+
+The pipeline runs come first (`PIPELINES`, as in docs/results.md, "Two training seeds").
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ from benchmarking import write_report
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = {"fvd": "FVD-shapes ↓", "all_1obj": "adherence 1 obj ↑", "direction_1obj": "direction 1 obj ↑",
            "count": "count ↑", "adherence": "adherence ↑", "size_cv": "size CV ↓", "path_jitter": "path jitter px ↓"}
+
+
+PIPELINES = ('python -m lightning_tmd.pipeline "pipeline.students=[[2,2],[1,2]]"; python -m lightning_tmd.pipeline '
+             "pipeline.name=shapes_seed1 pipeline.seed=1 "
+             "pipeline.teacher_ckpt=runs/pipeline/shapes/teacher/checkpoints/last.ckpt "
+             '"pipeline.students=[[2,2],[1,2]]"')
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,8 @@ def main() -> None:
     trained = ", ".join(f"seed {s}: {training_minutes(ablated[s]):.1f} min" for s in seeds)
     body = (f"Students: TMD M = 2, N = 2, H = 2, 1 000 stage-2 iterations (experiment shapes_tmd) from each pipeline "
             f"run's stage-1 student ({', '.join(str(p) for p in args.pipelines)}; training seeds {seeds}); the "
-            f"ablated ones with `{ablation.override}`. Evaluation: {metrics['num_samples']} held-out prompts, "
+            f"ablated ones with `{ablation.override}`. The pipeline runs: `{PIPELINES}`. "
+            f"Evaluation: {metrics['num_samples']} held-out prompts, "
             f"evaluation seed {metrics['seed']}, {metrics['judge'].get('variant', 'outline')} judge, sampled with "
             f"M = 2, N = 2; each cell the mean over seeds, then each seed.\n\n{table(rows)}\n\n"
             f"Wall time on 2 CPU cores: ablated training {trained}; evaluation {eval_s / 60:.1f} min (generated sets "
