@@ -12,3 +12,5 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 experiments/gpu_check.py --out "${OUT:-.}/gpu_check.md" "$@"
+# empty construction and sharded loading on the GPU (nccl): counted bytes per rank, equality with one-process loads
+torchrun --nproc_per_node 1 experiments/sharded_loading.py --tiny --device cuda --out "${OUT:-.}/sharded_loading_gpu.md"

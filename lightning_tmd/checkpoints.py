@@ -30,14 +30,15 @@ def loadable(path: Path) -> dict | None:
         return None
 
 
-def read_checkpoint(field: str, path: str | Path) -> dict:
+def read_checkpoint(field: str, path: str | Path, mmap: bool = False) -> dict:
     """The Lightning checkpoint at `path` (the config field `field` names it), or an error that says what is wrong:
-    missing, not a checkpoint (text, empty, truncated, random bytes), or not a Lightning checkpoint."""
+    missing, not a checkpoint (text, empty, truncated, random bytes), or not a Lightning checkpoint. `mmap`: the
+    tensors stay in the file (memory-mapped) until read, e.g. one at a time into a rank's shards."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{field}: no checkpoint file at '{path}'")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as error:
         raise ValueError(f"{field}: '{path}' is not a readable checkpoint (empty, truncated or not a torch file: "
                          f"{type(error).__name__}); give a last.ckpt or step_*.ckpt written by lightning_tmd.train"
@@ -129,8 +130,8 @@ def sampling_guidance(checkpoint: dict[str, Any], default: float = PAPER_GUIDANC
 
 def sampling_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The weights of `module.net` that a checkpoint samples with: its EMA when kept, else the raw net
-    (a teacher's `WanNet`, a stage-1 student's `TMDStudent`, ...)."""
-    return sampling_weights(read_checkpoint("checkpoint", path)["state_dict"])
+    (a teacher's `WanNet`, a stage-1 student's `TMDStudent`, ...), memory-mapped from the file."""
+    return sampling_weights(read_checkpoint("checkpoint", path, mmap=True)["state_dict"])
 
 
 def sampling_weights(state: dict[str, torch.Tensor], module: str = "") -> dict[str, torch.Tensor]:

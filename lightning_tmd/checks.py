@@ -67,9 +67,24 @@ def check_values(cfg: DictConfig) -> None:
 LATENT_DATA_MODULES = (".LatentsDataModule", ".LatentTeacherPairsDataModule")
 
 
+def check_empty_nets(cfg: DictConfig) -> None:
+    """model.meta_init: the nets are built empty and read from model.path after sharding, so the weights come from
+    model.path, not from a teacher checkpoint (which every rank would read whole)."""
+    if not cfg.model.get("meta_init"):
+        return
+    if not cfg.model.get("path"):
+        raise ValueError("model.meta_init=true builds the nets empty and reads their weights from model.path after "
+                         "sharding: set model.path (a diffusers folder) or model.meta_init=false")
+    for field in ("stage.module.teacher_ckpt", "data.teacher_ckpt"):
+        if OmegaConf.select(cfg, field):
+            raise ValueError(f"{field}={OmegaConf.select(cfg, field)} with model.meta_init=true: the teacher is read "
+                             f"from model.path after sharding; leave {field} null or set model.meta_init=false")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Config combinations that cannot work: raise before data, models or trainers are built."""
-    model = model_settings(cfg)  # first: a Wan config without its weights folder says so before anything else
+    check_empty_nets(cfg)
+    model = model_settings(cfg)  # a Wan config without its weights folder says so before anything else
     check_values(cfg)
     pt, ph, pw = model["patch_size"]
     frames, size = cfg.data.get("frames"), cfg.data.get("size")

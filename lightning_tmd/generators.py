@@ -75,6 +75,9 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", ema: bo
     module_class = get_class(config["stage"]["module"]["_target_"])
     upgrade = getattr(module_class, "upgrade_hparams", None)  # a checkpoint of an earlier argument layout
     overrides = upgrade(checkpoint["hyper_parameters"]) if upgrade else {}
+    model = checkpoint["hyper_parameters"].get("model") or {}
+    if model.get("meta_init"):  # the checkpoint holds the weights: build the nets whole, not empty
+        overrides["model"] = {**model, "meta_init": False}
     module = module_class.load_from_checkpoint(path, map_location=device, **overrides).eval()
     if not ema:
         drop_ema(module)

@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from lightning_tmd.nets.discriminator import Discriminator
 from lightning_tmd.nets.tmd_student import TMDStudent
 from lightning_tmd.nets.wan import WanNet
+from lightning_tmd.nets.wan_parts import copy_full
 
 SHARDED_NETS = (WanNet, TMDStudent, Discriminator)
 
@@ -109,8 +110,9 @@ def check_identical_across_ranks(module: nn.Module) -> None:
     _, world = process_rank()
     if world == 1:
         return
-    with torch.no_grad():
-        checksum = float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in module.parameters()))
+    with torch.no_grad():  # empty (meta-device) nets are read from the same folder on every rank after sharding
+        checksum = float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in module.parameters()
+                             if not p.is_meta))
     sums = [None] * world
     dist.all_gather_object(sums, checksum)
     if len(set(sums)) > 1:
@@ -127,6 +129,45 @@ def shard_for_strategy(module: Any) -> None:
     strategy = module.trainer.strategy
     shard_nets(module, mesh["data_parallel"], getattr(strategy, "mp_policy", None),
                getattr(strategy, "reshard_after_forward", True), getattr(strategy, "head_mp_policy", None))
+
+
+def fill_empty_nets(module: nn.Module, device: torch.device | str) -> int:
+    """After sharding (or without FSDP): allocate and read every empty Wan net in `module` (`model.meta_init`:
+    teacher, student, critic and their EMA copies) from its folder, each rank its own shards. Returns the bytes
+    of the largest full tensor read (0 when nothing was empty)."""
+    largest = max((net.fill_empty(device) for net in module.modules()
+                   if isinstance(net, WanNet) and net.weights_folder is not None
+                   and any(p.is_meta for p in net.parameters())), default=0)
+    left = [name for name, p in module.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"parameters left on the meta device after filling the empty nets: {left[:5]}")
+    return largest
+
+
+def root_device(module: Any) -> torch.device:
+    """The device a LightningModule's trainer runs it on (the CPU outside a Trainer)."""
+    return module.trainer.strategy.root_device if module._trainer is not None else torch.device("cpu")
+
+
+def prepare_nets(module: Any) -> None:
+    """A LightningModule's `configure_model`: shard its nets under FSDP, then read the empty ones
+    (`model.meta_init`) from their folder onto the trainer's device."""
+    shard_for_strategy(module)
+    fill_empty_nets(module, root_device(module))
+
+
+def load_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`module.load_state_dict(state)` from full tensors, also into FSDP-sharded (DTensor) parameters: each rank
+    copies its own shards, one tensor at a time."""
+    if not is_sharded(module):
+        module.load_state_dict(state)
+        return
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"the weights do not fit the net: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, target in own.items():
+        copy_full(target, state[key])
 
 
 def reshard(module: nn.Module) -> None:

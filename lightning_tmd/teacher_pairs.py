@@ -28,6 +28,7 @@ from lightning_tmd.data.datamodule import VAL_START, ResumableLoader, ShapesData
 from lightning_tmd.data.latents import META_FILE, LatentsDataModule
 from lightning_tmd.modules.teacher import TeacherModule
 from lightning_tmd.nets.wan_folder import resolve_transformer_folder
+from lightning_tmd.parallel import fill_empty_nets
 from lightning_tmd.sampling import sample_clips, seeded_noise
 
 PAIR_TENSORS = ("noise", "video")
@@ -333,6 +334,7 @@ class LatentTeacherPairsDataModule(TeacherPairsMixin, LatentsDataModule):
 
     def build_teacher(self, device: torch.device) -> TeacherModule:
         teacher = TeacherModule(self.model, ema_decay=None)
+        fill_empty_nets(teacher, device)  # model.meta_init: the whole teacher, read straight onto the device
         if self.teacher_ckpt:
             teacher.net.load_state_dict(sampling_state_dict(self.teacher_ckpt))
         return teacher.to(device).eval().requires_grad_(False)

@@ -176,6 +176,26 @@ def test_the_stage1_derivative_keeps_fp32_times_and_precision_under_fsdp_bf16(tm
         assert dtype in ("torch.float32", "torch.float64") and 0.999 in s and 0.605 + 5e-3 in s
 
 
+def test_empty_nets_read_from_the_folder_hold_their_shards_only_and_equal_a_one_process_load(tmp_path):
+    """model.meta_init over 2 ranks: stage 2's nets (teacher, student and its EMA, critic, discriminator) built
+    empty, sharded, then read from a Wan folder: every weight equals the one-process load, and no rank held more
+    than its shards plus one block (counted bytes)."""
+    out = tmp_path / "loading.md"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "experiments/sharded_loading.py", "--tiny", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == 2 and rows[0]["wan_nets"] == ["critic.net", "student.ema.module.wan", "student.net.wan",
+                                                      "teacher.net"]
+    for row in rows:
+        assert row["mismatched"] == []
+        assert row["empty_bytes_built"] > 0.8 * row["model_bytes"]  # the Wan nets were never built whole
+        assert row["largest_full_tensor_bytes"] <= row["block_bytes"]
+        assert row["peak_bytes"] <= row["bound_bytes"] and row["shard_bytes"] < 0.55 * row["model_bytes"]
+
+
 def test_two_processes_generate_the_kd_pairs_each_its_share_then_train(smoke_checkpoint, tmp_path):
     from hydra.utils import instantiate
 

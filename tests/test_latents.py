@@ -441,14 +441,17 @@ KD_PAIRS = ["data.num_pairs=2", "data.num_val_pairs=1", "data.steps=2", "data.ge
             "model.paper.kd_iterations=2"]
 
 
-@pytest.mark.parametrize(("warm_start", "stage2"), [
-    (["experiment=wan_tmd_stage1"], "wan_tmd"),  # TMD: stage 1, then stage 2
-    (["experiment=wan_kd", *KD_PAIRS], "wan_dmd2v_1step"),  # one-step DMD2-v: KD pairs and warm-up, then DMD2-v
+@pytest.mark.parametrize(("warm_start", "stage2", "meta_init"), [
+    (["experiment=wan_tmd_stage1"], "wan_tmd", False),  # TMD: stage 1, then stage 2
+    # one-step DMD2-v: KD pairs and warm-up, then DMD2-v; every net built empty and read from the folder
+    (["experiment=wan_kd", *KD_PAIRS], "wan_dmd2v_1step", True),
 ])
-def test_wan_warm_start_then_stage2_run_on_a_tiny_wan_folder(warm_start, stage2, tiny_wan_folder, shards, tmp_path):
+def test_wan_warm_start_then_stage2_run_on_a_tiny_wan_folder(warm_start, stage2, meta_init, tiny_wan_folder, shards,
+                                                             tmp_path):
     from lightning_tmd.train import train
 
-    common = [f"model.path={tiny_wan_folder}", f"data.path={shards}", *TINY_WAN_OVERRIDES]
+    common = [f"model.path={tiny_wan_folder}", f"data.path={shards}", f"model.meta_init={meta_init}",
+              *TINY_WAN_OVERRIDES]
     extra = [f"data.cache_dir={tmp_path / 'pairs'}"] if "experiment=wan_kd" in warm_start else []
     first = train(compose_train([*warm_start, *common, *extra, "trainer.fast_dev_run=false",
                                  "callbacks.samples.every_n_steps=0"], tmp_path / "first"))
@@ -460,6 +463,13 @@ def test_wan_warm_start_then_stage2_run_on_a_tiny_wan_folder(warm_start, stage2,
     assert torch.isfinite(torch.tensor(second["train/vsd"]))
     gifs = list((tmp_path / "dmd").rglob("samples/*.gif"))
     assert len(gifs) == 1 and len(imageio.mimread(gifs[0])) == 5  # decoded by the folder's VAE
+    if meta_init:  # sampling builds the nets whole and reads the checkpoint's weights, not the folder's
+        from lightning_tmd.checkpoints import sampling_weights
+        from lightning_tmd.generators import load_generator
+
+        loaded = load_generator(tmp_path / "dmd" / "checkpoints" / "last.ckpt")
+        saved = sampling_weights(torch.load(tmp_path / "dmd" / "checkpoints" / "last.ckpt")["state_dict"], "student.")
+        assert all(torch.equal(v, saved[k]) for k, v in loaded.module.student.sampling_net().state_dict().items())
 
 
 # -- KD pairs on latents (the one-step DMD2-v baseline on Wan) ------------------------------------------------

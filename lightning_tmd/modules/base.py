@@ -11,7 +11,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from lightning_tmd.optim import OptimizerSettings, ema_with_warmup
-from lightning_tmd.parallel import reshard, shard_for_strategy
+from lightning_tmd.parallel import load_full_state, prepare_nets, reshard
 
 
 def planned_steps(trainer: L.Trainer | None) -> int | None:
@@ -40,12 +40,13 @@ class GeneratorModule(L.LightningModule):
             self.ema.requires_grad_(False)
 
     def configure_model(self) -> None:
-        """Under `strategy=fsdp` (Lightning's ModelParallelStrategy): FSDP2-shard the nets."""
-        shard_for_strategy(self)
+        """Under `strategy=fsdp` (Lightning's ModelParallelStrategy): FSDP2-shard the nets; then read empty nets
+        (`model.meta_init`) from model.path, each rank its shards."""
+        prepare_nets(self)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load `self.net`'s weights and restart the EMA from them."""
-        self.net.load_state_dict(state_dict)
+        """Load `self.net`'s weights (full tensors; into its shards when sharded) and restart the EMA from them."""
+        load_full_state(self.net, state_dict)
         if self.ema is not None:
             self.ema.module.load_state_dict(self.net.state_dict())
             self.ema.n_averaged.zero_()

@@ -34,7 +34,7 @@ from lightning_tmd.modules.one_pass import OnePassStudent
 from lightning_tmd.modules.student import StudentModule
 from lightning_tmd.modules.teacher import TeacherModule
 from lightning_tmd.optim import OptimizerSettings
-from lightning_tmd.parallel import full_value, reshard, shard_for_strategy
+from lightning_tmd.parallel import full_value, prepare_nets, reshard
 from lightning_tmd.schedules import broadcast_time, interpolate
 
 STUDENTS: dict[str, type[GeneratorModule]] = {"tmd": StudentModule, "one_pass": OnePassStudent}
@@ -144,15 +144,20 @@ class DMDModule(L.LightningModule):
     def configure_model(self) -> None:
         """For fitting only (not to sample from a checkpoint): the frozen real score (eval mode, no
         grad, in no optimizer), a teacher-initialised critic and the student's starting weights, with
-        the teacher checkpoint read once. A resumed run's checkpoint then overrides critic and student."""
+        the teacher checkpoint read once. Then the nets are sharded (strategy=fsdp), the empty ones read from
+        model.path (model.meta_init), and a student checkpoint read into the student's shards. A resumed run's
+        checkpoint then overrides critic and student."""
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        if fitting and self.teacher is None:
+        starting = fitting and self.teacher is None
+        if starting:
             self.teacher = self.build_teacher_and_starting_weights()
-        shard_for_strategy(self)
+        prepare_nets(self)
+        if starting and self.hparams.student_ckpt:
+            self.student.load_weights(sampling_state_dict(self.hparams.student_ckpt))
 
     def build_teacher_and_starting_weights(self) -> TeacherModule:
-        """The frozen teacher, and the critic and student initialised from it (or the student from its
-        own checkpoint)."""
+        """The frozen teacher, and the critic and student initialised from it (the student's own checkpoint is
+        read after sharding, `configure_model`)."""
         hp = self.hparams
         teacher = TeacherModule(hp.model, ema_decay=None)
         checkpoint = read_checkpoint("stage.module.teacher_ckpt", hp.teacher_ckpt) if hp.teacher_ckpt else {}
@@ -162,9 +167,7 @@ class DMDModule(L.LightningModule):
         if teacher_weights is not None:  # else model.path's weights are already in all three
             teacher.net.load_state_dict(teacher_weights)
             self.critic.load_teacher(teacher_weights)
-        if hp.student_ckpt:
-            self.student.load_weights(sampling_state_dict(hp.student_ckpt))
-        elif teacher_weights is not None:
+        if teacher_weights is not None and not hp.student_ckpt:
             self.student.load_teacher(teacher_weights)
         if hp.teacher_dtype:
             teacher.net.cast(getattr(torch, hp.teacher_dtype))

@@ -22,13 +22,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_tmd.nets.wan_folder import resolve_transformer_folder
+from lightning_tmd.nets.wan_folder import folder_tensors, resolve_transformer_folder
 from lightning_tmd.nets.wan_parts import (
     PREDICTIONS,
     cast_floats,
+    copy_full,
     edm_coefficients,
     fourier_position_planes,
     position_planes,
@@ -88,6 +90,7 @@ class WanNet(nn.Module):
         self.position_frequencies = position_frequencies
         self.prediction = prediction
         self.sigma_data = sigma_data
+        self.weights_folder: Path | None = None  # set on an empty (meta-device) net: `fill_empty` reads it
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -113,13 +116,58 @@ class WanNet(nn.Module):
                    prediction, sigma_data)
 
     @classmethod
+    def empty(
+        cls, path: str | Path, torch_dtype: torch.dtype | None = None, checkpoint_blocks: bool = False,
+        position_frequencies: int = 0, prediction: str = "velocity", sigma_data: float = 1.0,
+    ) -> WanNet:
+        """The net of a local diffusers folder built on the meta device: no memory and no weights until
+        `fill_empty` (after FSDP has sharded it, each rank then holds its shards only)."""
+        folder = resolve_transformer_folder(path)
+        with torch.device("meta"):
+            transformer = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
+        net = cls(transformer, checkpoint_blocks, position_frequencies, prediction, sigma_data)
+        if torch_dtype is not None:
+            net.cast(torch_dtype)
+        net.weights_folder = folder
+        return net
+
+    @torch.no_grad()
+    def fill_empty(self, device: torch.device | str) -> int:
+        """Allocate an empty net's parameters (each rank its FSDP shards) on `device` and read the weights from
+        its folder one tensor at a time; recompute the rotary tables. Returns the bytes of the largest full
+        tensor held meanwhile (what reading adds to the shards)."""
+        if self.weights_folder is None:
+            raise RuntimeError("fill_empty: this net was not built by WanNet.empty (it has no weights folder)")
+        self.to_empty(device=device)
+        params = self.transformer.state_dict()
+        largest, seen = 0, set()
+        for key, full in folder_tensors(self.weights_folder):
+            if key not in params:
+                raise KeyError(f"model.path: '{self.weights_folder}' holds '{key}', which the net does not have")
+            copy_full(params[key], full)
+            largest, seen = max(largest, full.numel() * full.element_size()), seen | {key}
+        missing = sorted(set(params) - seen)
+        if missing:
+            raise KeyError(f"model.path: '{self.weights_folder}' lacks weights of the net: {missing[:5]}")
+        c, rope = self.config, self.transformer.rope
+        fresh = WanRotaryPosEmbed(c.attention_head_dim, c.patch_size, c.rope_max_seq_len)
+        for name, buffer in fresh.named_buffers():
+            rope.get_buffer(name).copy_(buffer)
+        return largest
+
+    @classmethod
     def build(cls, path: str | None = None, config: dict[str, Any] | None = None,
               torch_dtype: torch.dtype | None = None, checkpoint_blocks: bool = False,
-              position_frequencies: int = 0, prediction: str = "velocity", sigma_data: float = 1.0) -> WanNet:
-        """`from_pretrained(path)` when a path is given, else `from_config(config)`."""
+              position_frequencies: int = 0, prediction: str = "velocity", sigma_data: float = 1.0,
+              meta_init: bool = False) -> WanNet:
+        """`from_pretrained(path)` when a path is given (`empty(path)` with `meta_init`), else
+        `from_config(config)`."""
+        if meta_init and not path:
+            raise ValueError("model.meta_init=true builds the net empty and reads its weights from model.path after "
+                             "sharding: set model.path (a diffusers folder) or model.meta_init=false")
         if path:
-            return cls.from_pretrained(path, torch_dtype, checkpoint_blocks, position_frequencies, prediction,
-                                       sigma_data)
+            build = cls.empty if meta_init else cls.from_pretrained
+            return build(path, torch_dtype, checkpoint_blocks, position_frequencies, prediction, sigma_data)
         if config is None:
             raise ValueError("model: give either model.path (a diffusers folder) or model.config")
         return cls.from_config(config, checkpoint_blocks, position_frequencies, prediction, sigma_data)
@@ -127,11 +175,12 @@ class WanNet(nn.Module):
     @classmethod
     def from_settings(cls, model: dict[str, Any]) -> WanNet:
         """Build from a model group {"path", "config", "dtype" (a torch dtype name), "checkpoint_blocks",
-        "position_frequencies", "prediction", "sigma_data"}."""
+        "position_frequencies", "prediction", "sigma_data", "meta_init"}."""
         dtype = getattr(torch, model.get("dtype") or "float32")
         return cls.build(model.get("path"), model.get("config"), dtype, bool(model.get("checkpoint_blocks", False)),
                          int(model.get("position_frequencies") or 0), model.get("prediction") or "velocity",
-                         float(1.0 if model.get("sigma_data") is None else model["sigma_data"]))
+                         float(1.0 if model.get("sigma_data") is None else model["sigma_data"]),
+                         bool(model.get("meta_init", False)))
 
     def cast(self, dtype: torch.dtype) -> WanNet:
         """Cast the weights to `dtype`, keeping the modules and parameters diffusers keeps in fp32

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors import safe_open
 
 WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
@@ -47,3 +51,18 @@ def resolve_transformer_folder(path: str | Path) -> Path:
 def transformer_config(path: str | Path) -> dict[str, Any]:
     """Read a diffusers transformer config.json without loading weights."""
     return json.loads((resolve_transformer_folder(path) / "config.json").read_text())
+
+
+def folder_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of a resolved transformer folder one tensor at a time (safetensors, single file or shards), so
+    that a reader holds at most one full tensor; `.bin` folders are refused (they load whole)."""
+    index = folder / WEIGHT_FILES[1]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else [WEIGHT_FILES[0]] if (folder / WEIGHT_FILES[0]).is_file() else [])
+    if not files:
+        raise FileNotFoundError(f"model.meta_init: '{folder}' has no safetensors weights ({WEIGHT_FILES[0]} or its "
+                                "index); convert the .bin weights to safetensors or set model.meta_init=false")
+    for name in files:
+        with safe_open(folder / name, framework="pt") as weights:
+            for key in weights.keys():
+                yield key, weights.get_tensor(key)

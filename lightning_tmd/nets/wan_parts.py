@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def cast_floats(value: Any, dtype: torch.dtype) -> Any:
@@ -16,6 +17,20 @@ def cast_floats(value: Any, dtype: torch.dtype) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(cast_floats(v, dtype) for v in value)
     return value
+
+
+@torch.no_grad()
+def copy_full(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (unsharded) tensor into `target`: a plain tensor, or this rank's shard of an FSDP-sharded
+    (DTensor) one, cut from `full` locally (no communication) as the DTensor's placements cut it."""
+    if tuple(target.shape) != tuple(full.shape):
+        raise ValueError(f"shape {tuple(full.shape)} does not match the parameter's {tuple(target.shape)}")
+    if isinstance(target, DTensor):
+        full = full.to(target.device, target.dtype)
+        shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+        target.to_local().copy_(shard.to_local())
+    else:
+        target.copy_(full)
 
 
 def weight_dtype(layer: nn.Module) -> torch.dtype:
