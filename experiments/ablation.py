@@ -1,16 +1,22 @@
-"""Stage-2 ablations of TMD M2 N2 at small scale, each against the default recipe from the same stage-1 student,
-one pair per pipeline run (training seed):
+"""Ablations of TMD M2 N2 at small scale, each against the default recipe, one pair per pipeline run (training seed).
 
-* `rollout` (Fig. 7): one head call over the whole inner interval [t_max, 0] in training instead of the rollout
+Stage-2 ablations start from the pipeline's own stage-1 student; stage-1 ablations train their own stage 1 and
+then the default stage 2 from it (stage 2 takes the student's shape from its stage-1 checkpoint):
+
+* `rollout` (Fig. 7): one head call over the whole inner interval [t_max, 0] in stage 2 instead of the rollout
   over the N inner steps (`stage.module.rollout=false`, docs/method.md Q6);
-* `t_shift` (Table 5): t_dmd uniform on [0.001, 0.999] instead of shifted by 5 (`stage.module.critic.t_shift=1`).
+* `t_shift` (Table 5): t_dmd uniform on [0.001, 0.999] instead of shifted by 5 (`stage.module.critic.t_shift=1`);
+* `tm` (Table 6): stage 1 as transition matching (r = s for the whole batch) instead of TM-MeanFlow;
+* `fusion` (Table 9): concat instead of gated fusion of the main feature into the head;
+* `inner_target` (Table 10): inner target y = x (the head read as u = (y_s - (x_t - t head)) / s) instead of
+  y = x1 - x.
 
-The default students are the pipeline's own `stage2_m2n2`; the ablated ones are trained here with the same
-settings but the one override into `runs/ablations/<ablation>_seed<seed>` (skipped when finished), then all are
-evaluated on the same held-out prompts and noise (`python -m lightning_tmd.evaluate`).
+The default students are the pipeline's `stage1_m2n2` / `stage2_m2n2`; the ablated ones are trained here with the
+same settings but the one override into `runs/ablations/<ablation>_seed<seed>/{stage1,stage2}` (each skipped when
+finished), then all are evaluated on the same held-out prompts and noise (`python -m lightning_tmd.evaluate`);
+stage-1 ablations report the stage-1 students too.
 
-    python experiments/stage2_ablation.py rollout runs/pipeline/shapes runs/pipeline/shapes_seed1
-    python experiments/stage2_ablation.py t_shift runs/pipeline/shapes runs/pipeline/shapes_seed1
+    python experiments/ablation.py rollout runs/pipeline/shapes runs/pipeline/shapes_seed1
 
 The pipeline runs come first (`PIPELINES`, as in docs/results.md, "Two training seeds").
 """
@@ -43,16 +49,23 @@ PIPELINES = ('python -m lightning_tmd.pipeline "pipeline.students=[[2,2],[1,2]]"
 @dataclass(frozen=True)
 class Ablation:
     title: str
+    stage: int  # the stage the override changes (1: stage 1 is retrained, then stage 2 from it)
     override: str
     default: str  # the default recipe's row
     ablated: str  # the ablated row
 
 
 ABLATIONS = {
-    "rollout": Ablation("Rollout vs one head call in stage 2 (Fig. 7)", "stage.module.rollout=false",
+    "rollout": Ablation("Rollout vs one head call in stage 2 (Fig. 7)", 2, "stage.module.rollout=false",
                         "N = 2 head steps rolled out (default)", "one head call over [t_max, 0]"),
-    "t_shift": Ablation("t_dmd shifted by 5 vs uniform in stage 2 (Table 5)", "stage.module.critic.t_shift=1",
+    "t_shift": Ablation("t_dmd shifted by 5 vs uniform in stage 2 (Table 5)", 2, "stage.module.critic.t_shift=1",
                         "t_dmd = shift_5(U) (default)", "t_dmd = U(0.001, 0.999)"),
+    "tm": Ablation("TM-MeanFlow vs TM in stage 1 (Table 6)", 1, "stage.module.objective=tm",
+                   "TM-MF (default)", "TM (r = s)"),
+    "fusion": Ablation("Gated vs concat fusion (Table 9)", 1, "stage.module.fusion=concat",
+                       "gated (default)", "concat"),
+    "inner_target": Ablation("Inner target y = x1 - x vs y = x (Table 10)", 1, "stage.module.inner_target=sample",
+                             "y = x1 - x (default)", "y = x"),
 }
 
 
@@ -63,28 +76,56 @@ def run(args: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def train_ablated(pipeline: Path, override: str, out: Path) -> None:
-    """Stage 2 from the pipeline's M2 N2 stage-1 student and teacher, as its stage2_m2n2 was trained but for
-    `override`; nothing when `out` already holds a final checkpoint."""
-    if (out / "checkpoints" / "last.ckpt").is_file():
-        return
+def finished(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def pipeline_seed_and_teacher(pipeline: Path) -> tuple[int, str]:
+    """A pipeline run's training seed and its teacher's final checkpoint."""
     settings = yaml.safe_load((pipeline / "pipeline.yaml").read_text())
-    teacher = settings.get("teacher_ckpt") or str(pipeline / "teacher" / "checkpoints" / "last.ckpt")
-    run(["-m", "lightning_tmd.train", "experiment=shapes_tmd", f"seed={settings['seed']}",
-         f"stage.module.teacher_ckpt={teacher}",
-         f"stage.module.student_ckpt={pipeline / 'stage1_m2n2' / 'checkpoints' / 'last.ckpt'}",
-         "stage.module.student.outer_steps=2", "stage.module.student.inner_steps=2", override, f"hydra.run.dir={out}"])
+    return settings["seed"], settings.get("teacher_ckpt") or str(pipeline / "teacher" / "checkpoints" / "last.ckpt")
 
 
-def model_override(name: str, ckpt: Path) -> str:
-    """The evaluate override of one model sampled at M = 2, N = 2."""
-    return f"+models.{name}={{ckpt:'{ckpt}',settings:{{m2n2:{{outer_steps:2,inner_steps:2}}}}}}"
+def train_stage1(pipeline: Path, overrides: list[str], out: Path, outer_steps: int = 2, inner_steps: int = 2) -> None:
+    """Stage 1 from the pipeline's teacher with its seed, as its stage1_m2n2 was trained but for the grid and
+    `overrides`; nothing when `out` already holds a final checkpoint."""
+    if finished(out):
+        return
+    seed, teacher = pipeline_seed_and_teacher(pipeline)
+    run(["-m", "lightning_tmd.train", "experiment=shapes_tmd_stage1", f"seed={seed}",
+         f"stage.module.teacher_ckpt={teacher}", f"stage.module.outer_steps={outer_steps}",
+         f"stage.module.inner_steps={inner_steps}", *overrides, f"hydra.run.dir={out}"])
+
+
+def train_stage2(pipeline: Path, student: Path, overrides: list[str], out: Path) -> None:
+    """Stage 2 from the stage-1 student `student` and the pipeline's teacher with its seed, as the pipeline's
+    stage2_m2n2 was trained but for `overrides`; nothing when `out` already holds a final checkpoint."""
+    if finished(out):
+        return
+    seed, teacher = pipeline_seed_and_teacher(pipeline)
+    run(["-m", "lightning_tmd.train", "experiment=shapes_tmd", f"seed={seed}", f"stage.module.teacher_ckpt={teacher}",
+         f"stage.module.student_ckpt={student}", *overrides, f"hydra.run.dir={out}"])
+
+
+def model_override(name: str, ckpt: Path, outer_steps: int = 2, inner_steps: int = 2) -> str:
+    """The evaluate override of one model sampled at M = outer_steps, N = inner_steps."""
+    return (f"+models.{name}={{ckpt:'{ckpt}',settings:{{m{outer_steps}n{inner_steps}:"
+            f"{{outer_steps:{outer_steps},inner_steps:{inner_steps}}}}}}}")
 
 
 def training_minutes(run_dir: Path) -> float:
     """A finished run's wall time: from its config's writing to its final checkpoint's."""
     start = (run_dir / ".hydra" / "config.yaml").stat().st_mtime
     return ((run_dir / "checkpoints" / "last.ckpt").stat().st_mtime - start) / 60
+
+
+def evaluate(models: dict[str, Path | str], out_dir: Path) -> tuple[dict, float]:
+    """Evaluate `models` (name -> evaluate override or checkpoint sampled at M2 N2) without the teacher or the
+    references; returns the metrics and the wall time in seconds."""
+    overrides = [m if isinstance(m, str) else model_override(name, m) for name, m in models.items()]
+    seconds = run(["-m", "lightning_tmd.evaluate", "~models.teacher", "references=false", "overwrite=true",
+                   f"out_dir={out_dir}", *overrides])
+    return json.loads((out_dir / "metrics.json").read_text()), seconds
 
 
 def cell(values: list[float], digits: int) -> str:
@@ -111,34 +152,42 @@ def main() -> None:
     args = parser.parse_args()
     ablation = ABLATIONS[args.ablation]
     out = args.out or f"experiments/results/ablation_{args.ablation}.md"
-    seeds = [yaml.safe_load((p / "pipeline.yaml").read_text())["seed"] for p in args.pipelines]
-    ablated = {seed: args.runs / f"{args.ablation}_seed{seed}" for seed in seeds}
-    for pipeline, seed in zip(args.pipelines, seeds):
-        train_ablated(pipeline, ablation.override, ablated[seed])
+    seeds = [pipeline_seed_and_teacher(p)[0] for p in args.pipelines]
+    folder = {seed: args.runs / f"{args.ablation}_seed{seed}" for seed in seeds}
+    stages = (1, 2) if ablation.stage == 1 else (2,)
     models = {}
     for pipeline, seed in zip(args.pipelines, seeds):
-        models[f"default_seed{seed}"] = pipeline / "stage2_m2n2" / "checkpoints" / "last.ckpt"
-        models[f"ablated_seed{seed}"] = ablated[seed] / "checkpoints" / "last.ckpt"
-    evaluation = args.runs / f"{args.ablation}_eval"
-    eval_s = run(["-m", "lightning_tmd.evaluate", "~models.teacher", "references=false", "overwrite=true",
-                  f"out_dir={evaluation}", *(model_override(name, path) for name, path in models.items())])
-    metrics = json.loads((evaluation / "metrics.json").read_text())
+        student = pipeline / "stage1_m2n2" / "checkpoints" / "last.ckpt"
+        if ablation.stage == 1:
+            train_stage1(pipeline, [ablation.override], folder[seed] / "stage1")
+            student = folder[seed] / "stage1" / "checkpoints" / "last.ckpt"
+        train_stage2(pipeline, student, [ablation.override] if ablation.stage == 2 else [], folder[seed] / "stage2")
+        for stage in stages:
+            models[f"default_stage{stage}_seed{seed}"] = pipeline / f"stage{stage}_m2n2" / "checkpoints" / "last.ckpt"
+            models[f"ablated_stage{stage}_seed{seed}"] = folder[seed] / f"stage{stage}" / "checkpoints" / "last.ckpt"
+    metrics, eval_s = evaluate(models, args.runs / f"{args.ablation}_eval")
     by_model = {row["model"]: row for row in metrics["rows"]}
-    rows = {label: [by_model[f"{kind}_seed{s}"] for s in seeds]
-            for kind, label in (("default", ablation.default), ("ablated", ablation.ablated))}
-    trained = ", ".join(f"seed {s}: {training_minutes(ablated[s]):.1f} min" for s in seeds)
+    rows = {}
+    for stage in stages:
+        for kind, label in (("default", ablation.default), ("ablated", ablation.ablated)):
+            name = label if len(stages) == 1 else f"{label}, after stage {stage}"
+            rows[name] = [by_model[f"{kind}_stage{stage}_seed{s}"] for s in seeds]
+    trained = "; ".join(f"seed {s}: " + ", ".join(f"stage {k} {training_minutes(folder[s] / f'stage{k}'):.1f} min"
+                                                 for k in stages) for s in seeds)
+    how = (f"the ablated ones with `{ablation.override}`" if ablation.stage == 2 else
+           f"the ablated ones with `{ablation.override}` in stage 1 (1 500 iterations, experiment shapes_tmd_stage1, "
+           "from the pipeline's teacher), then the default stage 2 from that student")
     body = (f"Students: TMD M = 2, N = 2, H = 2, 1 000 stage-2 iterations (experiment shapes_tmd) from each pipeline "
-            f"run's stage-1 student ({', '.join(str(p) for p in args.pipelines)}; training seeds {seeds}); the "
-            f"ablated ones with `{ablation.override}`. The pipeline runs: `{PIPELINES}`. "
-            f"Evaluation: {metrics['num_samples']} held-out prompts, "
+            f"run's stage-1 student ({', '.join(str(p) for p in args.pipelines)}; training seeds {seeds}); {how}. "
+            f"The pipeline runs: `{PIPELINES}`. Evaluation: {metrics['num_samples']} held-out prompts, "
             f"evaluation seed {metrics['seed']}, {metrics['judge'].get('variant', 'outline')} judge, sampled with "
             f"M = 2, N = 2; each cell the mean over seeds, then each seed.\n\n{table(rows)}\n\n"
             f"Wall time on 2 CPU cores: ablated training {trained}; evaluation {eval_s / 60:.1f} min (generated sets "
             f"of earlier evaluations are cached). {args.note}")
-    write_report(out, ablation.title, f"python experiments/stage2_ablation.py {args.ablation} "
+    write_report(out, ablation.title, f"python experiments/ablation.py {args.ablation} "
                  f"{' '.join(str(p) for p in args.pipelines)}", body)
     Path(out).with_suffix(".json").write_text(json.dumps({"seeds": seeds, "override": ablation.override,
-                                                          "rows": rows}, indent=1))
+                                                          "stage": ablation.stage, "rows": rows}, indent=1))
     print(Path(out).read_text())
 
 
