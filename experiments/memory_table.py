@@ -33,6 +33,7 @@ from lightning_tmd.analysis.memory import (
     count_roles,
     estimate,
     stage_updates,
+    state_bytes,
 )
 from lightning_tmd.nets.discriminator import Discriminator
 
@@ -179,6 +180,35 @@ def memory_table(stages: dict, roles: dict, profiles: dict, factors: dict, gpus:
     return "\n".join(lines)
 
 
+OFFLOADS = {"none": (), "trained roles": ("student", "critic", "discriminator", "ema"),
+            "trained roles + teacher": ("student", "critic", "discriminator", "ema", "teacher")}
+OFFLOAD_SETTINGS = {"none": "[]", "trained roles": "[student, critic]", "trained roles + teacher":
+                    "[student, critic, teacher]"}  # stage 1 (no teacher, no critic): [net, ema]
+
+
+def offload_table(stages: dict, roles: dict, profiles: dict, factors: dict, gpus: list[int], budget: float) -> str:
+    """FSDP2 with activation checkpointing, with and without CPU offload of the trained roles (and teacher)."""
+    lines = ["| model | stage | GPUs | offloaded (`strategy.offload`) | states GiB | total GiB / GPU | "
+             "host GiB / rank | fits 80 GB |", "|---|---|---|---|---|---|---|---|"]
+    for model, (config, *_) in MODELS.items():
+        for stage_name in STAGES:
+            stage, role_list = stages[(model, stage_name)], roles[(model, stage_name)]
+            updates = stage_updates(stage, config["num_layers"])
+            profile = profiles[model].scaled(factors["autocast"])
+            for n in gpus:
+                for label, offload in OFFLOADS.items():
+                    teacher = any(r.name == "teacher" for r in role_list)
+                    if label.endswith("teacher") and not teacher:
+                        continue
+                    setting = OFFLOAD_SETTINGS[label] if teacher or label == "none" else "[net, ema]"
+                    e = estimate(role_list, profile, updates, Setup("fsdp", n, offload=offload), 1, True)
+                    host = [r for r in role_list if r.name in offload]
+                    host_bytes = sum(state_bytes(host, Setup("fsdp", n)).values())
+                    lines.append(f"| {model} | {stage_name} | {n} | {setting} | {gib(e.states)} | "
+                                 f"**{gib(e.total)}** | {gib(host_bytes)} | {fits(e.total, budget)} |")
+    return "\n".join(lines)
+
+
 def fewest_gpus_table(stages: dict, roles: dict, profiles: dict, factors: dict, budget: float) -> str:
     lines = ["| model | stage | act. ckpt | DDP fits | fewest FSDP2 GPUs that fit (of 1–64) | same, native bf16 "
              "(no autocast) |", "|---|---|---|---|---|---|"]
@@ -277,8 +307,12 @@ Assumptions (every number above follows from these):
   the fewest-GPUs table; fitted on the only such run, 6 blocks on one GPU, not cross-checked).
 * **Fits 80 GB**: "yes" ≤ {budget} GiB, leaving ~{headroom:.1f} GiB of the {card} GiB an 80 GB card reports for
   the CUDA context, NCCL buffers and allocator fragmentation; "tight" up to {card} GiB; "no" above.
-* **Levers not assumed**: FSDP2's CPU offload of parameters, gradients and optimizer states (not wired into
-  `FSDP2Strategy`); DDP's `gradient_as_bucket_view=True` makes the buckets hold the gradients (−4 B per
+* **CPU offload** (`strategy.offload`, FSDP2's `CPUOffloadPolicy`): the offloaded roles' fp32 shards,
+  gradients and AdamW states live in host memory (counted per rank in the offload table) and their optimizer
+  steps on the CPU; each unit's weights come to the GPU while gathered (the working weights are unchanged).
+  The main table assumes none. It costs host-device copies of every gathered unit and its gradients, and a
+  CPU AdamW step; its speed is not measured here.
+* **Levers not assumed**: DDP's `gradient_as_bucket_view=True` makes the buckets hold the gradients (−4 B per
   trained parameter). The bf16 teacher beside fp32 trained roles is
   `stage.module.teacher_dtype=bfloat16` (the Wan stage-2 experiments); an fp32 teacher adds 2 B per teacher
   parameter.
@@ -316,6 +350,8 @@ def main() -> None:
         "Roles: S student, C critic, D discriminator, T teacher (frozen), in billions of parameters.",
         memory_table(stages, roles, profiles, factors, args.gpus, args.budget_gib),
         "## Fewest GPUs\n\n" + fewest_gpus_table(stages, roles, profiles, factors, args.budget_gib),
+        "## FSDP2 CPU offload (`strategy.offload`), with activation checkpointing\n\n"
+        + offload_table(stages, roles, profiles, factors, args.gpus, args.budget_gib),
         "## Parameters (from the classes, built on the meta device)\n\n" + parameter_table(roles, widths)
         + "\n\nDiscriminator widths fitted to the paper's sizes (68 M, 172 M; docs/method.md Q11) over (c2, c3, c3), "
         "multiples of 64, mlp_width 256: " + "; ".join(f"{m}: `widths: [{', '.join(map(str, w))}]`, `mlp_width: 256`"

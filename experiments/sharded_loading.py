@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
 from torch.distributed.tensor import DTensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +63,18 @@ def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in named}
 
 
-def measure(folder: str, discriminator: dict, device: str) -> dict:
+def offloaded_units(module: torch.nn.Module) -> list[str]:
+    """The FSDP2 units that keep their shards in host memory (CPU offload policy)."""
+    return sorted(name for name, m in module.named_modules() if isinstance(m, FSDPModule) and isinstance(
+        m._get_fsdp_state()._fsdp_param_group.offload_policy, CPUOffloadPolicy))
+
+
+def measure(folder: str, discriminator: dict, device: str, offload: tuple[str, ...]) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     module = stage2_module(folder, True, discriminator)
     before = sum(nbytes(p) for p in module.parameters() if not p.is_meta)
     empty = sum(nbytes(p) for p in module.parameters() if p.is_meta)
-    shard_nets(module, init_device_mesh(device, (world,)))
+    shard_nets(module, init_device_mesh(device, (world,)), offload=offload)
     largest = fill_empty_nets(module, device)
     shards = sum(nbytes(p, local=True) for p in module.parameters())
     total = sum(nbytes(p) for p in module.parameters())  # a DTensor's numel is the full tensor's
@@ -81,7 +88,10 @@ def measure(folder: str, discriminator: dict, device: str) -> dict:
     mismatched += [f"{name}.{k} (from_pretrained)" for name in wans for k, v in
                    {**pretrained.state_dict(), **dict(pretrained.named_buffers())}.items()
                    if not torch.equal(v, ours[f"{name}.{k}"])]
-    return {"wan_nets": sorted(wans), "rank": rank, "world_size": world, "model_bytes": total,
+    host = offloaded_units(module)
+    return {"offloaded_units": host, "offloaded_on_cpu": all(
+                p.device.type == "cpu" for name in host for p in module.get_submodule(name).parameters()),
+            "wan_nets": sorted(wans), "rank": rank, "world_size": world, "model_bytes": total,
             "empty_bytes_built": empty,
             "whole_bytes_before_sharding": before, "shard_bytes": shards, "largest_full_tensor_bytes": largest,
             "block_bytes": block, "peak_bytes": max(before, shards + largest),
@@ -103,8 +113,10 @@ def report(rows: list[dict], folder: str) -> str:
                      f"{r['whole_bytes_before_sharding'] / mib:.3f} | {r['shard_bytes'] / mib:.3f} | "
                      f"{r['largest_full_tensor_bytes'] / mib:.3f} | {r['peak_bytes'] / mib:.3f} | "
                      f"{r['bound_bytes'] / mib:.3f} | {'yes' if not r['mismatched'] else r['mismatched'][:3]} |")
+    host = rows[0]["offloaded_units"]
     return (f"Folder: {folder}; {rows[0]['world_size']} ranks. Stage 2's nets: teacher, TMD student (H = 1) with "
-            "its EMA copy, critic, discriminator.\n\n" + "\n".join(lines))
+            "its EMA copy, critic, discriminator. FSDP2 units kept in host memory (`strategy.offload`): "
+            f"{len(host)} ({', '.join(host[:3])}{', ...' if len(host) > 3 else ''}).\n\n" + "\n".join(lines))
 
 
 def main() -> None:
@@ -112,6 +124,7 @@ def main() -> None:
     parser.add_argument("--folder", help="a Wan diffusers folder (or its transformer/)")
     parser.add_argument("--tiny", action="store_true", help="save a tiny Wan to a temporary folder and use it")
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl)")
+    parser.add_argument("--offload", nargs="*", default=[], help="parts kept in host memory (strategy.offload)")
     parser.add_argument("--out", default="experiments/results/sharded_loading.md")
     args = parser.parse_args()
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
@@ -124,12 +137,12 @@ def main() -> None:
             save_tiny(Path(folder[0]))
         dist.barrier()
         folder = folder[0]
-    row = measure(folder, TINY_DISCRIMINATOR if args.tiny else {}, args.device)
+    row = measure(folder, TINY_DISCRIMINATOR if args.tiny else {}, args.device, tuple(args.offload))
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)
     if dist.get_rank() == 0:
         command = f"torchrun --nproc_per_node {row['world_size']} experiments/sharded_loading.py " + (
-            "--tiny" if args.tiny else f"--folder {args.folder}")
+            "--tiny" if args.tiny else f"--folder {args.folder}") + "".join(f" --offload {p}" for p in args.offload)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         text = f"# Sharded loading (model.meta_init)\n\nCommand: `{command}`\n\n{report(rows, folder)}\n"
         Path(args.out).write_text(text)

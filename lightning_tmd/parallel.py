@@ -23,7 +23,13 @@ import torch.distributed as dist
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor
 
 from lightning_tmd.nets.discriminator import Discriminator
@@ -50,15 +56,31 @@ class FSDP2Strategy(ModelParallelStrategy):
         head_param_dtype: dtype of the gathered parameters of TMD students' flow heads (their last H blocks
             and the nets' own layers); None: `param_dtype`. "float32" makes stage 1's finite difference exact
             to fp32 (under autocast the head's other calls still compute in bf16).
+        offload: parts of the LightningModule (`teacher`, `student`, `critic` in stage 2; `net`, `ema` in the
+            others) whose shards, gradients and optimizer states live in host memory (FSDP2's CPU offload: each
+            unit's weights come to the GPU while gathered, the optimizer steps them on the CPU).
     Other keyword arguments go to `ModelParallelStrategy` (`save_distributed_checkpoint`, ...).
     """
 
     def __init__(self, param_dtype: str | None = "bfloat16", reduce_dtype: str | None = "float32",
-                 reshard_after_forward: bool = True, head_param_dtype: str | None = None, **kwargs: Any) -> None:
+                 reshard_after_forward: bool = True, head_param_dtype: str | None = None,
+                 offload: list[str] | None = None, **kwargs: Any) -> None:
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
         self.mp_policy = MixedPrecisionPolicy(param_dtype=dtype_of(param_dtype), reduce_dtype=dtype_of(reduce_dtype))
         self.head_mp_policy = replace(self.mp_policy, param_dtype=dtype_of(head_param_dtype or param_dtype))
         self.reshard_after_forward = reshard_after_forward
+        self.offload = tuple(offload or ())
+
+    def model_to_device(self) -> None:
+        """With offloaded parts: every parameter is an FSDP2 shard already placed (on the device, or in host
+        memory when offloaded), so only the buffers move; a blanket `.to(device)` would pull the offloaded
+        shards onto the GPU."""
+        if not self.offload:
+            return super().model_to_device()
+        for module in self.model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(self.root_device)
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # every process is a data-parallel rank
@@ -76,19 +98,41 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
+def offloaded_modules(module: nn.Module, parts: tuple[str, ...]) -> set[int]:
+    """The ids of every module inside the named parts of `module` (`strategy.offload`)."""
+    names = [name for name, _ in module.named_children()]
+    ids = set()
+    for part in parts:
+        if part not in names:
+            raise ValueError(f"strategy.offload: '{part}' is not a part of {type(module).__name__}; choose from "
+                             f"{names}")
+        ids |= {id(m) for m in module.get_submodule(part).modules()}
+    return ids
+
+
 def shard_nets(module: nn.Module, mesh: Any, mp_policy: MixedPrecisionPolicy | None = None,
-               reshard_after_forward: bool = True, head_mp_policy: MixedPrecisionPolicy | None = None) -> None:
+               reshard_after_forward: bool = True, head_mp_policy: MixedPrecisionPolicy | None = None,
+               offload: tuple[str, ...] = ()) -> None:
     """`fully_shard` each Wan block, then each net containing them, innermost first; every parameter
     must end up in a unit (else its gradients would not be reduced across ranks). The flow heads of TMD
-    students gather with `head_mp_policy` (default: `mp_policy`)."""
+    students gather with `head_mp_policy` (default: `mp_policy`); the units inside the parts named in
+    `offload` keep their shards in host memory (marked `host_offload`)."""
     check_identical_across_ranks(module)
     policy = mp_policy or MixedPrecisionPolicy()
     head_policy = head_mp_policy or policy
     head = {id(m) for student in module.modules() if isinstance(student, TMDStudent)
             for m in (student, student.wan, *student.wan.transformer.blocks[student.split:])}
+    host = offloaded_modules(module, offload)
+
+    def shard(unit: nn.Module, **kwargs: Any) -> None:
+        if id(unit) in host:
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+            unit.host_offload = True
+        fully_shard(unit, mesh=mesh, **kwargs)
+
     for block in [m for m in module.modules() if isinstance(m, WanTransformerBlock)]:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward,
-                    mp_policy=head_policy if id(block) in head else policy)
+        shard(block, reshard_after_forward=reshard_after_forward,
+              mp_policy=head_policy if id(block) in head else policy)
     nets = [m for m in module.modules() if isinstance(m, SHARDED_NETS)]
     for net in reversed(nets):  # modules() lists outer nets before the nets inside them
         net_policy = head_policy if id(net) in head else policy
@@ -96,7 +140,7 @@ def shard_nets(module: nn.Module, mesh: Any, mp_policy: MixedPrecisionPolicy | N
             net_policy = replace(net_policy, cast_forward_inputs=False)
         # a net's own weights (embeddings, fusion, output layer) are small: they stay gathered from
         # forward to backward, so nested method calls and outputs FSDP cannot trace are safe
-        fully_shard(net, mesh=mesh, reshard_after_forward=False, mp_policy=net_policy)
+        shard(net, reshard_after_forward=False, mp_policy=net_policy)
         for name in getattr(type(net), "fsdp_methods", ()):
             register_fsdp_forward_method(net, name)
     left = [name for name, p in module.named_parameters() if not isinstance(p, DTensor)]
@@ -128,14 +172,16 @@ def shard_for_strategy(module: Any) -> None:
         return
     strategy = module.trainer.strategy
     shard_nets(module, mesh["data_parallel"], getattr(strategy, "mp_policy", None),
-               getattr(strategy, "reshard_after_forward", True), getattr(strategy, "head_mp_policy", None))
+               getattr(strategy, "reshard_after_forward", True), getattr(strategy, "head_mp_policy", None),
+               getattr(strategy, "offload", ()))
 
 
 def fill_empty_nets(module: nn.Module, device: torch.device | str) -> int:
     """After sharding (or without FSDP): allocate and read every empty Wan net in `module` (`model.meta_init`:
     teacher, student, critic and their EMA copies) from its folder, each rank its own shards. Returns the bytes
     of the largest full tensor read (0 when nothing was empty)."""
-    largest = max((net.fill_empty(device) for net in module.modules()
+    largest = max((net.fill_empty("cpu" if getattr(net, "host_offload", False) else device)
+                   for net in module.modules()
                    if isinstance(net, WanNet) and net.weights_folder is not None
                    and any(p.is_meta for p in net.parameters())), default=0)
     left = [name for name, p in module.named_parameters() if p.is_meta]

@@ -118,18 +118,20 @@ def rounding_noise(reference_run, smoke_checkpoint, smoke_student_checkpoint, tm
     return distance(weights(other / "checkpoints" / "last.ckpt"), weights(reference_run / "checkpoints" / "last.ckpt"))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp_offload"])
 def test_two_processes_match_one_and_resume_exactly(strategy, reference_run, rounding_noise, smoke_checkpoint,
                                                     smoke_student_checkpoint, tmp_path):
-    extra = [f"strategy={strategy}", *SAME_ON_EVERY_RANK]
-    if strategy == "fsdp":  # fp32 on CPUs; GPUs gather bf16 weights
+    extra = [f"strategy={strategy.removesuffix('_offload')}", *SAME_ON_EVERY_RANK]
+    if strategy.startswith("fsdp"):  # fp32 on CPUs; GPUs gather bf16 weights
         extra += ["trainer.precision=32-true", "trainer.strategy.param_dtype=null"]
+    if strategy == "fsdp_offload":  # every part's shards, gradients and optimizer states in host memory
+        extra += ["trainer.strategy.offload=[teacher,student,critic]"]
     overrides = stage2_overrides(smoke_checkpoint, smoke_student_checkpoint, *extra)
     torchrun(overrides, tmp_path / "full")
     full, reference = logged(tmp_path / "full"), logged(reference_run)
     assert_same_losses(full, reference, range(0, 7))
     checkpoints = tmp_path / "full" / "checkpoints"
-    assert (checkpoints / "last.ckpt").is_dir() == (strategy == "fsdp")  # FSDP saves one shard per rank
+    assert (checkpoints / "last.ckpt").is_dir() == strategy.startswith("fsdp")  # FSDP saves one shard per rank
     # no further from the one-process run than that run is from itself with another thread count
     gap = distance(weights(checkpoints / "last.ckpt"), weights(reference_run / "checkpoints" / "last.ckpt"))
     assert gap <= max(rounding_noise, 1e-6), (gap, rounding_noise)
@@ -178,18 +180,20 @@ def test_the_stage1_derivative_keeps_fp32_times_and_precision_under_fsdp_bf16(tm
 
 def test_empty_nets_read_from_the_folder_hold_their_shards_only_and_equal_a_one_process_load(tmp_path):
     """model.meta_init over 2 ranks: stage 2's nets (teacher, student and its EMA, critic, discriminator) built
-    empty, sharded, then read from a Wan folder: every weight equals the one-process load, and no rank held more
-    than its shards plus one block (counted bytes)."""
+    empty, sharded (the critic offloaded to host memory), then read from a Wan folder: every weight equals the
+    one-process load, and no rank held more than its shards plus one block (counted bytes)."""
     out = tmp_path / "loading.md"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "experiments/sharded_loading.py", "--tiny", "--out", str(out)]
+           "experiments/sharded_loading.py", "--tiny", "--offload", "critic", "--out", str(out)]
     result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert len(rows) == 2 and rows[0]["wan_nets"] == ["critic.net", "student.ema.module.wan", "student.net.wan",
                                                       "teacher.net"]
-    for row in rows:
+    for row in rows:  # the critic (and its discriminator) kept in host memory: FSDP2's CPU offload policy
+        assert row["offloaded_units"] and all(name.startswith("critic.") for name in row["offloaded_units"])
+        assert {"critic.net", "critic.discriminator"} <= set(row["offloaded_units"]) and row["offloaded_on_cpu"]
         assert row["mismatched"] == []
         assert row["empty_bytes_built"] > 0.8 * row["model_bytes"]  # the Wan nets were never built whole
         assert row["largest_full_tensor_bytes"] <= row["block_bytes"]

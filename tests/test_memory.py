@@ -104,6 +104,17 @@ def test_states_are_replicated_by_ddp_and_divided_by_fsdp():
     assert fsdp["optimizer"] == pytest.approx(8 * trained / 8 + 4 * roles[0].tensors)  # step counters unsharded
 
 
+def test_offloaded_roles_leave_their_states_on_the_host():
+    roles = count_roles(build_stage(WAN21_T2V_1_3B, Stage("dmd", **TINY_STAGE2)))
+    on_gpu = state_bytes(roles, Setup("fsdp", gpus=8))
+    offloaded = state_bytes(roles, Setup("fsdp", gpus=8, offload=("student", "critic", "discriminator")))
+    teacher = [r for r in roles if r.name == "teacher"]
+    assert sum(offloaded.values()) == pytest.approx(sum(state_bytes(teacher, Setup("fsdp", gpus=8)).values()))
+    assert sum(offloaded.values()) < 0.2 * sum(on_gpu.values())
+    with pytest.raises(ValueError, match="CPU offload is FSDP2's"):
+        Setup("ddp", offload=("student",))
+
+
 def test_saved_bytes_counts_each_saved_storage_once_and_skips_parameters():
     x = torch.randn(4, 8, requires_grad=True)
     assert saved_bytes(lambda a: a * a, x) == x.nbytes  # x saved twice, one storage

@@ -122,16 +122,20 @@ class Setup:
     """How each GPU holds the states: strategy "single" (one GPU), "ddp" or "fsdp" (FSDP2 per Wan block,
     bf16 param policy, fp32 shards) over `gpus`; `frozen_bytes` per teacher weight (2: bf16; 4: fp32);
     `head_bytes` per gathered weight of a TMD student's root and head blocks under FSDP2
-    (`strategy.head_param_dtype`: 4 for fp32, 2 for bf16)."""
+    (`strategy.head_param_dtype`: 4 for fp32, 2 for bf16); `offload`: roles whose shards, gradients and
+    optimizer states live in host memory under FSDP2 (`strategy.offload`; their AdamW step runs there too)."""
 
     strategy: str = "ddp"
     gpus: int = 1
     frozen_bytes: int = BF16
     head_bytes: int = FP32
+    offload: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.strategy not in ("single", "ddp", "fsdp"):
             raise ValueError(f"Setup.strategy '{self.strategy}' is unknown: use 'single', 'ddp' or 'fsdp'")
+        if self.offload and self.strategy != "fsdp":
+            raise ValueError(f"Setup.offload={self.offload}: CPU offload is FSDP2's; use strategy 'fsdp'")
 
     @property
     def shards(self) -> int:
@@ -145,6 +149,8 @@ def state_bytes(roles: list[Role], setup: Setup, held_gradients: tuple[str, ...]
     n = setup.shards
     out = {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "ddp_buckets": 0.0}
     for r in roles:
+        if r.name in setup.offload:
+            continue  # in host memory
         if r.kind == "trained":
             out["weights"] += FP32 * r.params / n
             out["gradients"] += FP32 * r.params / n if held_gradients is None or r.name in held_gradients else 0.0
@@ -373,7 +379,7 @@ def estimate(roles: list[Role], profile: ActivationProfile, updates: list[Update
     estimates = [
         Estimate(u.name, sum(state_bytes(roles, setup, u.trained).values()), working_weight_bytes(roles, u, setup),
                  activation_bytes(profile, u, batch, checkpoint),
-                 FP32 * sum(by_name[n].params for n in u.trained) / setup.shards)
+                 FP32 * sum(by_name[n].params for n in u.trained if n not in setup.offload) / setup.shards)
         for u in updates
     ]
     return max(estimates, key=lambda e: e.total)
