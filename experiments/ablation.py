@@ -142,6 +142,29 @@ def table(rows: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def plot(title: str, rows: dict[str, list[dict]], path: Path) -> None:
+    """FVD-shapes and one-object adherence per variant: the mean over seeds as a bar, each seed as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 0.9 + 0.7 * len(rows)))
+    labels = list(rows)
+    for axis, metric in zip(axes, ("fvd", "all_1obj")):
+        for y, label in enumerate(labels):
+            values = [r[metric] for r in rows[label]]
+            axis.barh(y, statistics.mean(values), color="tab:blue" if y % 2 == 0 else "tab:orange", alpha=0.6)
+            axis.plot(values, [y] * len(values), "k.", markersize=8)
+        axis.set_yticks(range(len(labels)), labels if axis is axes[0] else [""] * len(labels), fontsize=8)
+        axis.invert_yaxis()
+        axis.set_title(METRICS[metric])
+        axis.grid(axis="x", alpha=0.3)
+    figure.suptitle(f"{title} (bar: mean over seeds; dots: seeds)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ablation", choices=sorted(ABLATIONS))
@@ -149,9 +172,14 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/ablations"))
     parser.add_argument("--out", help="default: experiments/results/ablation_<ablation>.md")
     parser.add_argument("--note", default="", help="what else ran on the machine meanwhile (written to the report)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the report's JSON")
     args = parser.parse_args()
     ablation = ABLATIONS[args.ablation]
     out = args.out or f"experiments/results/ablation_{args.ablation}.md"
+    if args.plot_only:
+        saved = json.loads(Path(out).with_suffix(".json").read_text())
+        plot(ablation.title, saved["rows"], Path(out).with_suffix(".png"))
+        return
     seeds = [pipeline_seed_and_teacher(p)[0] for p in args.pipelines]
     folder = {seed: args.runs / f"{args.ablation}_seed{seed}" for seed in seeds}
     stages = (1, 2) if ablation.stage == 1 else (2,)
@@ -182,12 +210,14 @@ def main() -> None:
             f"The pipeline runs: `{PIPELINES}`. Evaluation: {metrics['num_samples']} held-out prompts, "
             f"evaluation seed {metrics['seed']}, {metrics['judge'].get('variant', 'outline')} judge, sampled with "
             f"M = 2, N = 2; each cell the mean over seeds, then each seed.\n\n{table(rows)}\n\n"
+            f"![{ablation.title}]({Path(out).with_suffix('.png').name})\n\n"
             f"Wall time on 2 CPU cores: ablated training {trained}; evaluation {eval_s / 60:.1f} min (generated sets "
             f"of earlier evaluations are cached). {args.note}")
     write_report(out, ablation.title, f"python experiments/ablation.py {args.ablation} "
                  f"{' '.join(str(p) for p in args.pipelines)}", body)
     Path(out).with_suffix(".json").write_text(json.dumps({"seeds": seeds, "override": ablation.override,
                                                           "stage": ablation.stage, "rows": rows}, indent=1))
+    plot(ablation.title, rows, Path(out).with_suffix(".png"))
     print(Path(out).read_text())
 
 
