@@ -28,6 +28,19 @@ class LoadedGenerator:
     ema: bool = True  # sampling with the EMA weights (False: the raw training weights)
 
 
+def load_module(module_class: type, path: str | Path, checkpoint: dict, device: str | torch.device = "cpu") -> Any:
+    """`module_class.load_from_checkpoint(path)` (`checkpoint`: its contents, already read) with the constructor
+    arguments of an earlier layout upgraded (`upgrade_hparams`), and the nets built whole: a run trained with
+    model.meta_init takes its weights from the checkpoint, not from model.path."""
+    hparams = checkpoint["hyper_parameters"]
+    upgrade = getattr(module_class, "upgrade_hparams", None)
+    overrides = upgrade(hparams) if upgrade else {}
+    model = hparams.get("model") or {}
+    if model.get("meta_init"):
+        overrides["model"] = {**model, "meta_init": False}
+    return module_class.load_from_checkpoint(path, map_location=device, **overrides)
+
+
 def run_config(checkpoint: dict, path: Path) -> dict[str, Any]:
     """The resolved run config: stored in the checkpoint, else the run folder's `.hydra/config.yaml`."""
     if "run_config" in checkpoint:
@@ -72,13 +85,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", ema: bo
         raise ValueError(f"ckpt: '{path}' holds non-finite weights ({bad}; a diverged run): sample an earlier "
                          "checkpoint of that run (its checkpoints/step_*.ckpt)")
     config = run_config(checkpoint, path)
-    module_class = get_class(config["stage"]["module"]["_target_"])
-    upgrade = getattr(module_class, "upgrade_hparams", None)  # a checkpoint of an earlier argument layout
-    overrides = upgrade(checkpoint["hyper_parameters"]) if upgrade else {}
-    model = checkpoint["hyper_parameters"].get("model") or {}
-    if model.get("meta_init"):  # the checkpoint holds the weights: build the nets whole, not empty
-        overrides["model"] = {**model, "meta_init": False}
-    module = module_class.load_from_checkpoint(path, map_location=device, **overrides).eval()
+    module = load_module(get_class(config["stage"]["module"]["_target_"]), path, checkpoint, device).eval()
     if not ema:
         drop_ema(module)
     text = config["text"]

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from lightning_tmd.checkpoints import PAPER_GUIDANCE, read_checkpoint, sampling_guidance, sampling_state_dict
 from lightning_tmd.data.datamodule import VAL_START, ResumableLoader, ShapesDataModule
 from lightning_tmd.data.latents import META_FILE, LatentsDataModule
+from lightning_tmd.generators import load_module
 from lightning_tmd.modules.teacher import TeacherModule
 from lightning_tmd.nets.wan_folder import resolve_transformer_folder
 from lightning_tmd.parallel import fill_empty_nets
@@ -257,7 +258,8 @@ class TeacherPairsDataModule(TeacherPairsMixin, ShapesDataModule):
                 "objects": self.train_set.max_objects, "chunk": self.generate_batch_size}
 
     def build_teacher(self, device: torch.device) -> TeacherModule:
-        return TeacherModule.load_from_checkpoint(self.teacher_ckpt, map_location=device).eval()
+        checkpoint = read_checkpoint("data.teacher_ckpt", self.teacher_ckpt, mmap=True)
+        return load_module(TeacherModule, self.teacher_ckpt, checkpoint, device).eval()
 
     def captions(self, split: str, start: int, stop: int) -> list[str]:
         """Captions of the pairs start..stop - 1 of `split` (the split's captions are rendered once)."""
