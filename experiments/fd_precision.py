@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shlex
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lightning_tmd.analysis.time_features import keep_slow_time_features
 from lightning_tmd.losses import finite_difference_dds, jvp_dds
 from lightning_tmd.nets.tmd_student import TMDStudent
 from lightning_tmd.schedules import interpolate
@@ -49,12 +49,7 @@ def tiny_student() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     config = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=12, in_channels=3,
                   out_channels=3, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3)
     module = StudentModule(model={"config": config}, head_blocks=1)
-    half = config["freq_dim"] // 2
-    omega = torch.exp(-math.log(10000.0) * torch.arange(half) / half)
-    keep = (omega <= 0.012).repeat(2).float()
-    with torch.no_grad():
-        for embedder in (module.net.wan.transformer.condition_embedder.time_embedder, module.net.gap_embedding):
-            embedder.linear_1.weight.mul_(keep)
+    keep_slow_time_features(module.net)
     g = torch.Generator().manual_seed(1)
     return module, torch.rand((4, 3, 2, 8, 8), generator=g) * 2 - 1, torch.randn(4, 5, 16, generator=g)
 

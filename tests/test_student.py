@@ -1,13 +1,13 @@
 """TMD student: initialisation reproduces the teacher, rollout identities, d/ds estimators,
 effective NFE, and a stage-1 loss that falls."""
 
-import math
 from dataclasses import replace
 
 import pytest
 import torch
 from conftest import TINY_WAN
 
+from lightning_tmd.analysis.time_features import keep_slow_time_features
 from lightning_tmd.losses import finite_difference_dds, jvp_dds
 from lightning_tmd.modules.student import StudentModule
 from lightning_tmd.nets.tmd_student import TMDStudent
@@ -104,23 +104,8 @@ def test_rollout_is_step_weighted_sum_of_head_predictions():
     assert torch.allclose(rolled, y, atol=1e-6)
 
 
-def smooth_in_time(student: TMDStudent, max_frequency: float = 0.012) -> TMDStudent:
-    """Drop the time features faster than `max_frequency` rad per timestep unit from both time MLPs.
-
-    A central difference with delta = 5e-3 (5 units on Wan's 0-1000 scale) cannot resolve sinusoids of
-    ~1 rad per unit, which random weights use as much as slow ones; trained time MLPs are smooth."""
-    half = TINY_WAN["freq_dim"] // 2
-    omega = torch.exp(-math.log(10000.0) * torch.arange(half) / half)
-    keep = (omega <= max_frequency).repeat(2).to(torch.float64)  # features are [cos, sin]
-    embedders = (student.wan.transformer.condition_embedder.time_embedder, student.gap_embedding)
-    with torch.no_grad():
-        for embedder in embedders:
-            embedder.linear_1.weight.mul_(keep)
-    return student
-
-
 def test_finite_difference_matches_jvp_in_float64():
-    student = smooth_in_time(trained_student().double())
+    student = keep_slow_time_features(trained_student().double())
     x_t, context, g = inputs()
     x_t, context = x_t.double(), context.double()
     n = SHAPE[0]
@@ -207,7 +192,7 @@ def test_stage1_loss_falls_on_an_overfit_batch(derivative):
     # a stationary target: no CFG (it follows the student's own unconditional prediction)
     module = tiny_student_module(derivative=derivative, guidance_scale=1.0,
                                  optim={"lr": 2e-3, "warmup_steps": 1})
-    smooth_in_time(module.net)  # a random time MLP makes d/ds u (and so the MeanFlow target) huge
+    keep_slow_time_features(module.net)  # a random time MLP makes d/ds u (and so the MeanFlow target) huge
     optimizer = module.configure_optimizers()["optimizer"]
     batch = tiny_batch()
     losses = []
@@ -276,7 +261,7 @@ def test_the_finite_difference_runs_in_fp32_under_bf16_autocast():
     """Under bf16-mixed training the stage-1 target's d/ds must still be resolved: the same derivative as
     in fp32, while the difference taken inside autocast (the naive way) is far off."""
     module = tiny_student_module()
-    smooth_in_time(module.net)
+    keep_slow_time_features(module.net)
     batch = tiny_batch()
     g = torch.Generator().manual_seed(3)
     x = batch["video"]
@@ -328,7 +313,7 @@ def test_a_checkpointed_head_keeps_only_the_inputs_of_its_fusion_and_output_laye
 
     torch.manual_seed(0)
     student = TMDStudent(WanNet.from_config({**TINY_WAN, "num_layers": 4}, checkpoint_blocks=True), 2)
-    smooth_in_time(student)
+    keep_slow_time_features(student)
     x_t, context, g = inputs()
     t = torch.full((SHAPE[0],), 0.7, dtype=torch.float64)
     main = student.backbone(x_t, t, context)
