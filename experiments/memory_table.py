@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterator
 
 import torch
 from benchmarking import write_report
@@ -28,6 +29,7 @@ from lightning_tmd.analysis.memory import (
     Role,
     Setup,
     Stage,
+    Update,
     activation_profile,
     build_stage,
     count_roles,
@@ -160,23 +162,28 @@ def profile_table(profiles: dict, factors: dict) -> str:
         f"×{factors['bf16']:.3f} (native bf16, no autocast); see the check below and the notes.")
 
 
+def each_stage(stages: dict, roles: dict) -> Iterator[tuple[str, str, list[Role], list[Update]]]:
+    """(model, stage name, its roles, its updates) for every model and stage of the tables."""
+    for model, (config, *_) in MODELS.items():
+        for stage_name in STAGES:
+            yield model, stage_name, roles[(model, stage_name)], stage_updates(stages[(model, stage_name)],
+                                                                              config["num_layers"])
+
+
 def memory_table(stages: dict, roles: dict, profiles: dict, factors: dict, gpus: list[int], budget: float) -> str:
     lines = ["| model | stage | strategy | GPUs | act. ckpt | params per role (B) | states | working weights | "
              "activations | AdamW temp. | total GiB / GPU | peak in | fits 80 GB |", "|---" * 13 + "|"]
-    for model, (config, *_) in MODELS.items():
-        for stage_name in STAGES:
-            stage, role_list = stages[(model, stage_name)], roles[(model, stage_name)]
-            updates = stage_updates(stage, config["num_layers"])
-            for strategy, n in [("ddp", None), *[("fsdp", g) for g in gpus]]:
-                setup = Setup(strategy, n or 1)
-                profile = profiles[model].scaled(factors["autocast"])
-                for checkpoint in (False, True):
-                    e = estimate(role_list, profile, updates, setup, 1, checkpoint)
-                    lines.append(
-                        f"| {model} | {stage_name} | {strategy} | {n or 'any'} | {'yes' if checkpoint else 'no'} | "
-                        f"{roles_text(role_list)} | {gib(e.states)} | {gib(e.working_weights)} | "
-                        f"{gib(e.activations)} | {gib(e.optimizer_temporaries)} | **{gib(e.total)}** | {e.update} | "
-                        f"{fits(e.total, budget)} |")
+    for model, stage_name, role_list, updates in each_stage(stages, roles):
+        for strategy, n in [("ddp", None), *[("fsdp", g) for g in gpus]]:
+            setup = Setup(strategy, n or 1)
+            profile = profiles[model].scaled(factors["autocast"])
+            for checkpoint in (False, True):
+                e = estimate(role_list, profile, updates, setup, 1, checkpoint)
+                lines.append(
+                    f"| {model} | {stage_name} | {strategy} | {n or 'any'} | {'yes' if checkpoint else 'no'} | "
+                    f"{roles_text(role_list)} | {gib(e.states)} | {gib(e.working_weights)} | "
+                    f"{gib(e.activations)} | {gib(e.optimizer_temporaries)} | **{gib(e.total)}** | {e.update} | "
+                    f"{fits(e.total, budget)} |")
     return "\n".join(lines)
 
 
@@ -190,41 +197,35 @@ def offload_table(stages: dict, roles: dict, profiles: dict, factors: dict, gpus
     """FSDP2 with activation checkpointing, with and without CPU offload of the trained roles (and teacher)."""
     lines = ["| model | stage | GPUs | offloaded (`strategy.offload`) | states GiB | total GiB / GPU | "
              "host GiB / rank | fits 80 GB |", "|---|---|---|---|---|---|---|---|"]
-    for model, (config, *_) in MODELS.items():
-        for stage_name in STAGES:
-            stage, role_list = stages[(model, stage_name)], roles[(model, stage_name)]
-            updates = stage_updates(stage, config["num_layers"])
-            profile = profiles[model].scaled(factors["autocast"])
-            for n in gpus:
-                for label, offload in OFFLOADS.items():
-                    teacher = any(r.name == "teacher" for r in role_list)
-                    if label.endswith("teacher") and not teacher:
-                        continue
-                    setting = OFFLOAD_SETTINGS[label] if teacher or label == "none" else "[net, ema]"
-                    e = estimate(role_list, profile, updates, Setup("fsdp", n, offload=offload), 1, True)
-                    host = [r for r in role_list if r.name in offload]
-                    host_bytes = sum(state_bytes(host, Setup("fsdp", n)).values())
-                    lines.append(f"| {model} | {stage_name} | {n} | {setting} | {gib(e.states)} | "
-                                 f"**{gib(e.total)}** | {gib(host_bytes)} | {fits(e.total, budget)} |")
+    for model, stage_name, role_list, updates in each_stage(stages, roles):
+        profile = profiles[model].scaled(factors["autocast"])
+        teacher = any(r.name == "teacher" for r in role_list)
+        for n in gpus:
+            for label, offload in OFFLOADS.items():
+                if label.endswith("teacher") and not teacher:
+                    continue
+                setting = OFFLOAD_SETTINGS[label] if teacher or label == "none" else "[net, ema]"
+                e = estimate(role_list, profile, updates, Setup("fsdp", n, offload=offload), 1, True)
+                host = [r for r in role_list if r.name in offload]
+                host_bytes = sum(state_bytes(host, Setup("fsdp", n)).values())
+                lines.append(f"| {model} | {stage_name} | {n} | {setting} | {gib(e.states)} | "
+                             f"**{gib(e.total)}** | {gib(host_bytes)} | {fits(e.total, budget)} |")
     return "\n".join(lines)
 
 
 def fewest_gpus_table(stages: dict, roles: dict, profiles: dict, factors: dict, budget: float) -> str:
     lines = ["| model | stage | act. ckpt | DDP fits | fewest FSDP2 GPUs that fit (of 1–64) | same, native bf16 "
              "(no autocast) |", "|---|---|---|---|---|---|"]
-    for model, (config, *_) in MODELS.items():
-        for stage_name in STAGES:
-            stage, role_list = stages[(model, stage_name)], roles[(model, stage_name)]
-            updates = stage_updates(stage, config["num_layers"])
-            for checkpoint in (False, True):
-                autocast = profiles[model].scaled(factors["autocast"])
-                ddp = estimate(role_list, autocast, updates, Setup("ddp"), 1, checkpoint)
-                fewest = [next((n for n in range(1, 65)
-                                if estimate(role_list, profile, updates, Setup("fsdp", n), 1, checkpoint).total
-                                <= budget * GiB), "none")
-                          for profile in (autocast, profiles[model].scaled(factors["bf16"]))]
-                lines.append(f"| {model} | {stage_name} | {'yes' if checkpoint else 'no'} | "
-                             f"{fits(ddp.total, budget)} ({gib(ddp.total)} GiB) | {fewest[0]} | {fewest[1]} |")
+    for model, stage_name, role_list, updates in each_stage(stages, roles):
+        for checkpoint in (False, True):
+            autocast = profiles[model].scaled(factors["autocast"])
+            ddp = estimate(role_list, autocast, updates, Setup("ddp"), 1, checkpoint)
+            fewest = [next((n for n in range(1, 65)
+                            if estimate(role_list, profile, updates, Setup("fsdp", n), 1, checkpoint).total
+                            <= budget * GiB), "none")
+                      for profile in (autocast, profiles[model].scaled(factors["bf16"]))]
+            lines.append(f"| {model} | {stage_name} | {'yes' if checkpoint else 'no'} | "
+                         f"{fits(ddp.total, budget)} ({gib(ddp.total)} GiB) | {fewest[0]} | {fewest[1]} |")
     return "\n".join(lines)
 
 
