@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_tmd.checkpoints import read_checkpoint
 from lightning_tmd.data.shapes import clip_key
+from lightning_tmd.nets.wan import META_INIT_NEEDS_PATH
 from lightning_tmd.nets.wan_folder import transformer_config
 from lightning_tmd.optim import OptimizerSettings
 
@@ -73,12 +74,11 @@ def check_empty_nets(cfg: DictConfig) -> None:
     if not cfg.model.get("meta_init"):
         return
     if not cfg.model.get("path"):
-        raise ValueError("model.meta_init=true builds the nets empty and reads their weights from model.path after "
-                         "sharding: set model.path (a diffusers folder) or model.meta_init=false")
+        raise ValueError(META_INIT_NEEDS_PATH)
     for field in ("stage.module.teacher_ckpt", "data.teacher_ckpt"):
-        if OmegaConf.select(cfg, field):
-            raise ValueError(f"{field}={OmegaConf.select(cfg, field)} with model.meta_init=true: the teacher is read "
-                             f"from model.path after sharding; leave {field} null or set model.meta_init=false")
+        if path := OmegaConf.select(cfg, field):
+            raise ValueError(f"{field}={path} with model.meta_init=true: the teacher is read from model.path after "
+                             f"sharding; leave {field} null or set model.meta_init=false")
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -64,6 +64,10 @@ class WanTokens:
                        positions=None if self.positions is None else self.positions.to(dtype))
 
 
+META_INIT_NEEDS_PATH = ("model.meta_init=true builds the nets empty and reads their weights from model.path after "
+                        "sharding: set model.path (a diffusers folder) or model.meta_init=false")
+
+
 class WanNet(nn.Module):
     """A `WanTransformer3DModel` with a split forward. Free of Lightning."""
 
@@ -145,7 +149,8 @@ class WanNet(nn.Module):
             if key not in params:
                 raise KeyError(f"model.path: '{self.weights_folder}' holds '{key}', which the net does not have")
             copy_full(params[key], full)
-            largest, seen = max(largest, full.numel() * full.element_size()), seen | {key}
+            largest = max(largest, full.numel() * full.element_size())
+            seen.add(key)
         missing = sorted(set(params) - seen)
         if missing:
             raise KeyError(f"model.path: '{self.weights_folder}' lacks weights of the net: {missing[:5]}")
@@ -163,8 +168,7 @@ class WanNet(nn.Module):
         """`from_pretrained(path)` when a path is given (`empty(path)` with `meta_init`), else
         `from_config(config)`."""
         if meta_init and not path:
-            raise ValueError("model.meta_init=true builds the net empty and reads its weights from model.path after "
-                             "sharding: set model.path (a diffusers folder) or model.meta_init=false")
+            raise ValueError(META_INIT_NEEDS_PATH)
         if path:
             build = cls.empty if meta_init else cls.from_pretrained
             return build(path, torch_dtype, checkpoint_blocks, position_frequencies, prediction, sigma_data)
