@@ -131,12 +131,11 @@ def main() -> None:
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     folder = args.folder
-    if args.tiny:
-        folder = [str(Path(tempfile.gettempdir()) / f"tiny_wan_{os.environ.get('MASTER_PORT', '0')}")]
+    if args.tiny:  # rank 0 saves it, the others wait for it
+        folder = str(Path(tempfile.gettempdir()) / f"tiny_wan_{os.environ.get('MASTER_PORT', '0')}")
         if dist.get_rank() == 0:
-            save_tiny(Path(folder[0]))
+            save_tiny(Path(folder))
         dist.barrier()
-        folder = folder[0]
     row = measure(folder, TINY_DISCRIMINATOR if args.tiny else {}, args.device, tuple(args.offload))
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)
