@@ -183,6 +183,7 @@ def main() -> None:
         args.out.write_text(text)
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
         print(text)
+    dist.barrier()  # no rank tears gloo down while another still has work in flight
     dist.destroy_process_group()
 
 

@@ -147,6 +147,7 @@ def main() -> None:
         Path(args.out).write_text(text)
         Path(args.out).with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))
         print(text)
+    dist.barrier()  # no rank tears gloo down while another still has work in flight
     dist.destroy_process_group()
 
 
