@@ -8,6 +8,8 @@ then the default stage 2 from it (stage 2 takes the student's shape from its sta
 * `t_shift` (Table 5): t_dmd uniform on [0.001, 0.999] instead of shifted by 5 (`stage.module.critic.t_shift=1`);
 * `tm` (Table 6): stage 1 as transition matching (r = s for the whole batch) instead of TM-MeanFlow;
 * `fusion` (Table 9): concat instead of gated fusion of the main feature into the head;
+* `outer_shift`: the outer grid's shift gamma 3 instead of 10 in stage 1 (sampling too: stage 2 and the sampler
+  take it from the stage-1 checkpoint);
 * `inner_target` (Table 10): inner target y = x (the head read as u = (y_s - (x_t - t head)) / s) instead of
   y = x1 - x.
 
@@ -64,6 +66,8 @@ ABLATIONS = {
                    "TM-MF (default)", "TM (r = s)"),
     "fusion": Ablation("Gated vs concat fusion (Table 9)", 1, "stage.module.fusion=concat",
                        "gated (default)", "concat"),
+    "outer_shift": Ablation("Outer-grid shift 10 vs 3 in stage 1", 1, "stage.module.outer_shift=3",
+                            "outer shift 10 (default)", "outer shift 3"),
     "inner_target": Ablation("Inner target y = x1 - x vs y = x (Table 10)", 1, "stage.module.inner_target=sample",
                              "y = x1 - x (default)", "y = x"),
 }
