@@ -6,6 +6,7 @@ then the default stage 2 from it (stage 2 takes the student's shape from its sta
 * `rollout` (Fig. 7): one head call over the whole inner interval [t_max, 0] in stage 2 instead of the rollout
   over the N inner steps (`stage.module.rollout=false`, docs/method.md Q6);
 * `t_shift` (Table 5): t_dmd uniform on [0.001, 0.999] instead of shifted by 5 (`stage.module.critic.t_shift=1`);
+* `gan_weight`: the GAN term's weight lambda 0.3 instead of the paper's 0.03 in stage 2;
 * `tm` (Table 6): stage 1 as transition matching (r = s for the whole batch) instead of TM-MeanFlow;
 * `fusion` (Table 9): concat instead of gated fusion of the main feature into the head;
 * `outer_shift`: the outer grid's shift gamma 3 instead of 10 in stage 1 (sampling too: stage 2 and the sampler
@@ -62,6 +63,8 @@ ABLATIONS = {
                         "N = 2 head steps rolled out (default)", "one head call over [t_max, 0]"),
     "t_shift": Ablation("t_dmd shifted by 5 vs uniform in stage 2 (Table 5)", 2, "stage.module.critic.t_shift=1",
                         "t_dmd = shift_5(U) (default)", "t_dmd = U(0.001, 0.999)"),
+    "gan_weight": Ablation("GAN weight 0.03 vs 0.3 in stage 2", 2, "stage.module.gan_weight=0.3",
+                           "lambda = 0.03 (default)", "lambda = 0.3"),
     "tm": Ablation("TM-MeanFlow vs TM in stage 1 (Table 6)", 1, "stage.module.objective=tm",
                    "TM-MF (default)", "TM (r = s)"),
     "fusion": Ablation("Gated vs concat fusion (Table 9)", 1, "stage.module.fusion=concat",
