@@ -1,11 +1,12 @@
 """Quality against effective NFE (Fig. 6 at small scale): TMD stage-1 students over the number of inner steps N and
-head blocks H at M = 2, next to the teacher's Euler sampler at matched NFE.
+head blocks H at M = 2, and over N at M = 1, next to the teacher's Euler sampler at matched NFE.
 
-Each (N, H) is its own stage-1 run (1 500 iterations of experiment shapes_tmd_stage1 from the pipeline's teacher,
-its seed), trained into `runs/nfe_sweep/m2n<N>h<H>_seed<seed>` (skipped when finished); (N, H) = (2, 2) is the
-pipeline's own `stage1_m2n2`, and its M = 1 student (`stage1_m1n2`) and both stage-2 students are added as single
-points. The grid is a cross through (2, 2) (N in {1, 2, 4} at H = 2, H in {1, 2, 3} at N = 2) rather than the full
-3 x 3, to fit the CPU budget; all points are sampled on the same held-out prompts and noise. With a second pipeline
+Each (M, N, H) is its own stage-1 run (1 500 iterations of experiment shapes_tmd_stage1 from the pipeline's teacher,
+its seed), trained into `runs/nfe_sweep/m<M>n<N>h<H>_seed<seed>` (skipped when finished); (M, N, H) = (2, 2, 2) and
+(1, 2, 2) are the pipeline's own `stage1_m2n2` and `stage1_m1n2`, and both stage-2 students are added as single
+points. The grid is a cross through (N, H) = (2, 2) at M = 2 (N in {1, 2, 4} at H = 2, H in {1, 2, 3} at N = 2) and
+N in {1, 2, 4} at H = 2 for M = 1, rather than the full 3 x 3 at both M, to fit the CPU budget; all points are
+sampled on the same held-out prompts and noise. With a second pipeline
 (`--seed-pipeline`) its stage1_m2n2 is evaluated too, for the seed-to-seed spread of one point.
 
     python experiments/nfe_sweep.py runs/pipeline/shapes --seed-pipeline runs/pipeline/shapes_seed1
@@ -23,7 +24,7 @@ from pathlib import Path
 from ablation import PIPELINES, evaluate, model_override, pipeline_seed_and_teacher, train_stage1, training_minutes
 from benchmarking import write_report
 
-GRID = [(1, 2), (2, 2), (4, 2), (2, 1), (2, 3)]  # (N, H) at M = 2
+GRID = [(2, 1, 2), (2, 2, 2), (2, 4, 2), (2, 2, 1), (2, 2, 3), (1, 1, 2), (1, 2, 2), (1, 4, 2)]  # (M, N, H)
 TEACHER_EULER = {**{f"euler_{k}_no_cfg": f"{{steps:{k},guidance_scale:1.0}}" for k in (1, 2, 3, 4)},
                  **{f"euler_{k}_cfg": f"{{steps:{k}}}" for k in (1, 2, 3)}}  # setting -> evaluate sampler override
 OWN_SAMPLER = "teacher, own sampler"
@@ -35,11 +36,10 @@ def student_runs(pipeline: Path, runs: Path) -> dict[str, tuple[Path, int, int]]
     """name -> (stage-1 run folder, M, N) of every TMD student of the sweep; trains the missing ones."""
     seed, _ = pipeline_seed_and_teacher(pipeline)
     students = {}
-    for n, h in GRID:
-        folder = pipeline / "stage1_m2n2" if (n, h) == (2, 2) else runs / f"m2n{n}h{h}_seed{seed}"
-        train_stage1(pipeline, [f"stage.module.head_blocks={h}"], folder, inner_steps=n)
-        students[f"stage 1 M2 N{n} H{h}"] = (folder, 2, n)
-    students["stage 1 M1 N2 H2"] = (pipeline / "stage1_m1n2", 1, 2)
+    for m, n, h in GRID:
+        folder = pipeline / f"stage1_m{m}n{n}" if (n, h) == (2, 2) else runs / f"m{m}n{n}h{h}_seed{seed}"
+        train_stage1(pipeline, [f"stage.module.head_blocks={h}"], folder, outer_steps=m, inner_steps=n)
+        students[f"stage 1 M{m} N{n} H{h}"] = (folder, m, n)
     students["stage 2 M2 N2 H2"] = (pipeline / "stage2_m2n2", 2, 2)
     students["stage 2 M1 N2 H2"] = (pipeline / "stage2_m1n2", 1, 2)
     return students
@@ -79,7 +79,7 @@ def plot(points: dict[str, dict], path: Path) -> None:
             axis.plot([c[0] for c in chosen], [c[1] for c in chosen], marker=marker, linestyle=line, label=label)
             if label.startswith("TMD"):
                 for x, y, k in chosen:
-                    axis.annotate(k.split(" ", 2)[2].replace("M2 ", ""), (x, y), fontsize=7,
+                    axis.annotate(re.sub(r"M\d ", "", k.split(" ", 2)[2]), (x, y), fontsize=7,
                                   xytext=(3, 3), textcoords="offset points")
         if OWN_SAMPLER in points:
             own = points[OWN_SAMPLER]
@@ -126,12 +126,12 @@ def main() -> None:
     points[OWN_SAMPLER] = rows[("teacher_euler", "own")]
     out = Path(args.out)
     plot(points, out.with_suffix(".png"))
-    trained = ", ".join(f"{label.removeprefix('stage 1 M2 ')} {training_minutes(folder):.1f}"
+    trained = ", ".join(f"{label.removeprefix('stage 1 ')} {training_minutes(folder):.1f}"
                         for label, (folder, _, _) in students.items() if folder.is_relative_to(args.runs))
     trained = trained or "none (all finished earlier)"
     body = (f"TMD students from the pipeline run {args.pipeline} (`{PIPELINES.split(';')[0]}`; the seed-1 point from "
-            f"`{PIPELINES.split(';')[1].strip()}`): stage-1 students at M = 2 over N and H (1 500 iterations each), "
-            f"the pipeline's M = 1 stage-1 student and both stage-2 students (1 000 DMD2-v iterations with the head "
+            f"`{PIPELINES.split(';')[1].strip()}`): stage-1 students at M = 2 over N and H and at M = 1 over N "
+            f"(1 500 iterations each), and both stage-2 students (1 000 DMD2-v iterations with the head "
             f"rolled out), against the teacher's Euler sampler at 1-4 steps without CFG (NFE = steps) and 1-3 steps "
             f"with its CFG 2 (NFE = 2 x steps), and its own sampler (dashed). Effective NFE of a TMD student: "
             f"M (L - H + N H) / L with L = 6 blocks (Eq. 16). "
