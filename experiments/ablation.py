@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -121,7 +122,12 @@ def model_override(name: str, ckpt: Path, outer_steps: int = 2, inner_steps: int
 
 
 def training_minutes(run_dir: Path) -> float:
-    """A finished run's wall time: from its config's writing to its final checkpoint's."""
+    """A finished run's wall time: the sum of the `Wall time: H:MM:SS` lines its train.log holds (one per start, so a
+    resumed run counts every part); for a run without them, from its config's writing to its final checkpoint's."""
+    log = run_dir / "train.log"
+    parts = re.findall(r"Wall time: (\d+):(\d\d):(\d\d)", log.read_text()) if log.is_file() else []
+    if parts:
+        return sum(int(h) * 60 + int(m) + int(s) / 60 for h, m, s in parts)
     start = (run_dir / ".hydra" / "config.yaml").stat().st_mtime
     return ((run_dir / "checkpoints" / "last.ckpt").stat().st_mtime - start) / 60
 
