@@ -57,11 +57,12 @@ def student_runs(pipeline: Path, runs: Path, seed_pipeline: Path | None, kept: s
         wanted["stage 1 M2 N2 H2, seed 1"] = (seed_pipeline / "stage1_m2n2", 2, 2, None)
     students, untrained = {}, []
     for label, (folder, m, n, h) in wanted.items():
-        if not finished(folder) and (label in kept or not train or h is None):
-            if label not in kept:
-                untrained.append(label)
-            continue
         if not finished(folder):
+            if label in kept:
+                continue
+            if not train or h is None:  # h None: a pipeline's own run, not trained here
+                untrained.append(label)
+                continue
             train_stage1(pipeline, [f"stage.module.head_blocks={h}"], folder, outer_steps=m, inner_steps=n)
         students[label] = (folder, m, n)
     return students, untrained
